@@ -1,0 +1,42 @@
+//! Command-line flags for a bus connection, shared by every Patchbay binary (feature
+//! `cli`). Each flag is also read from a `PATCHBAY_*` environment variable.
+
+use std::path::PathBuf;
+
+use crate::client::BusConfig;
+use crate::subject::{SubjectError, Subjects};
+
+/// Where NATS is and which identity to present.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BusArgs {
+    /// NATS server URL(s), comma-separated, e.g. `tls://127.0.0.1:4222`.
+    #[arg(long = "nats", env = "PATCHBAY_NATS_URL", value_delimiter = ',')]
+    pub nats: Vec<String>,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long = "nats-ca", env = "PATCHBAY_NATS_CA")]
+    pub ca: PathBuf,
+    /// This workload's client certificate (PEM), carrying its SPIFFE id.
+    #[arg(long = "nats-cert", env = "PATCHBAY_NATS_CERT")]
+    pub cert: PathBuf,
+    /// This workload's private key (PEM).
+    #[arg(long = "nats-key", env = "PATCHBAY_NATS_KEY")]
+    pub key: PathBuf,
+    /// Prefix prepended to every application subject, e.g. `acme.`.
+    #[arg(
+        long = "subject-prefix",
+        env = "PATCHBAY_SUBJECT_PREFIX",
+        default_value = ""
+    )]
+    pub subject_prefix: String,
+}
+
+impl BusArgs {
+    /// The connection configuration, named `name`.
+    pub fn config(&self, name: impl Into<String>) -> Result<BusConfig, SubjectError> {
+        let mut config = BusConfig::new("", &self.ca, &self.cert, &self.key)
+            .name(name)
+            .subjects(Subjects::new(self.subject_prefix.clone())?);
+        config.servers.clone_from(&self.nats);
+        Ok(config)
+    }
+}

@@ -1,0 +1,39 @@
+//! Everything Patchbay puts on the wire.
+//!
+//! This crate owns the NATS connection (mutual TLS with rustls, one identity per
+//! workload), the subject mechanism and the platform subjects, the CloudEvents envelope
+//! on NATS headers, W3C trace-context propagation, the `patchbay-deadline` header and the
+//! publish/request primitives that apply all of them. It does not own any business
+//! subject (those live in `patchbay-protocol`), any stream layout (that is
+//! `deploy/streams.toml`) or telemetry set-up (`patchbay-telemetry`).
+
+//!
+//! Without the default `client` feature only [`subject`] is compiled, with no
+//! dependencies beyond `thiserror`, so guest code can share the subject mechanism.
+
+#[cfg(feature = "cli")]
+pub mod args;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "client")]
+pub mod deadline;
+#[cfg(feature = "client")]
+pub mod event;
+pub mod subject;
+#[cfg(feature = "client")]
+pub mod trace;
+
+#[cfg(feature = "client")]
+pub use client::{
+    Bus, BusConfig, BusNotice, ConnectError, ConnectErrorKind, PublishError, RequestError,
+    RequestErrorKind, RequestOptions, SpiffeId, connect,
+};
+#[cfg(feature = "client")]
+pub use deadline::{Clock, Deadline, ManualClock, SystemClock};
+#[cfg(feature = "client")]
+pub use event::{CloudEvent, EventError};
+pub use subject::{Subjects, Token};
+
+/// Re-exported so users of this crate agree on one async-nats version.
+#[cfg(feature = "client")]
+pub use async_nats;

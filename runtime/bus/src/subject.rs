@@ -1,0 +1,379 @@
+//! Subjects: the one place where NATS subjects are built *and* parsed.
+//!
+//! Every subject the platform uses has a builder and a parser side by side, with a
+//! round-trip test. A deployment may set a prefix (for example `acme.`) that is prepended
+//! to every application subject, so several Patchbay installations can share one NATS
+//! cluster; `$`-subjects (JetStream API, micro protocol) and inboxes are never prefixed.
+//! Contact-centre subjects live in `patchbay-protocol` and use [`Token`] and [`Subjects`]
+//! from here.
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// Why a subject or subject token was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SubjectError {
+    /// A token (one dot-separated part) is empty, too long or has a forbidden character.
+    #[error("invalid subject token {token:?}: {reason}")]
+    InvalidToken {
+        /// The offending token.
+        token: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A prefix must be empty or dot-terminated tokens, like `acme.`.
+    #[error("invalid subject prefix {prefix:?}: {reason}")]
+    InvalidPrefix {
+        /// The offending prefix.
+        prefix: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The subject does not have the shape of any subject this parser knows.
+    #[error("subject {subject:?} is not a {expected} subject")]
+    Unrecognised {
+        /// The subject that failed to parse.
+        subject: String,
+        /// What kind of subject the caller expected.
+        expected: &'static str,
+    },
+}
+
+/// Result alias for subject operations.
+pub type Result<T, E = SubjectError> = std::result::Result<T, E>;
+
+/// Longest token accepted (function names, call ids, agent ids).
+pub const MAX_TOKEN_LEN: usize = 128;
+
+/// One validated subject token: an identifier such as a function name, a call id or an
+/// agent id. Letters, digits, `-` and `_` only — no dots, wildcards or white space — so
+/// an identifier can never change the shape of the subject it is placed in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(String);
+
+impl Token {
+    /// Validate `value` as a subject token.
+    pub fn new(value: impl Into<String>) -> Result<Self> {
+        let value = value.into();
+        let reason = if value.is_empty() {
+            Some("empty")
+        } else if value.len() > MAX_TOKEN_LEN {
+            Some("longer than 128 bytes")
+        } else if !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            Some("only ASCII letters, digits, '-' and '_' are allowed")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(SubjectError::InvalidToken {
+                token: value,
+                reason,
+            }),
+            None => Ok(Self(value)),
+        }
+    }
+
+    /// The token as a string slice.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Token {
+    type Err = SubjectError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::new(s)
+    }
+}
+
+/// The subject space of one Patchbay installation: the prefix plus the platform subjects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// Subjects with `prefix` prepended to every application subject. The prefix is empty
+    /// or one or more tokens each followed by a dot (`acme.`, `eu.acme.`).
+    pub fn new(prefix: impl Into<String>) -> Result<Self> {
+        let prefix = prefix.into();
+        if !prefix.is_empty() {
+            let Some(body) = prefix.strip_suffix('.') else {
+                return Err(SubjectError::InvalidPrefix {
+                    prefix,
+                    reason: "must end with '.'",
+                });
+            };
+            if let Some(bad) = body.split('.').find(|t| Token::new(*t).is_err()) {
+                let reason = if bad.is_empty() {
+                    "has an empty token"
+                } else {
+                    "tokens may hold only letters, digits, '-' and '_'"
+                };
+                return Err(SubjectError::InvalidPrefix { prefix, reason });
+            }
+        }
+        Ok(Self { prefix })
+    }
+
+    /// The prefix (possibly empty).
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `tail` with the prefix prepended.
+    #[must_use]
+    pub fn full(&self, tail: &str) -> String {
+        format!("{}{tail}", self.prefix)
+    }
+
+    /// `subject` without the prefix, or an error if it lacks it.
+    pub fn strip<'a>(&self, subject: &'a str) -> Result<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .ok_or_else(|| SubjectError::Unrecognised {
+                subject: subject.to_owned(),
+                expected: "prefixed",
+            })
+    }
+
+    /// `patchbay.v1.fn.<name>.invoke` — request-reply. Published by the gateway and the
+    /// CLI, answered by one runtime node (queue group); the reply carries the function's
+    /// outputs or its failure.
+    #[must_use]
+    pub fn fn_invoke(&self, function: &Token) -> String {
+        self.full(&format!("patchbay.v1.fn.{function}.invoke"))
+    }
+
+    /// `patchbay.v1.fn.<name>.logs` — event. Published by runtime nodes, one record per
+    /// `log` call of the function; kept in the bounded PATCHBAY_LOGS stream for `fn logs`.
+    #[must_use]
+    pub fn fn_logs(&self, function: &Token) -> String {
+        self.full(&format!("patchbay.v1.fn.{function}.logs"))
+    }
+
+    /// `patchbay.v1.dlq.<name>` — event. Published by runtime nodes when an event is
+    /// dead-lettered: the original message plus context headers; stream PATCHBAY_DLQ.
+    #[must_use]
+    pub fn dlq(&self, function: &Token) -> String {
+        self.full(&format!("patchbay.v1.dlq.{function}"))
+    }
+
+    /// `patchbay.v1.runtime.status` — scatter-gather request. Every runtime node answers
+    /// (no queue group) with the functions and versions it serves; the CLI waits on it
+    /// after a deploy.
+    #[must_use]
+    pub fn runtime_status(&self) -> String {
+        self.full("patchbay.v1.runtime.status")
+    }
+
+    /// The subscription pattern matching [`Subjects::fn_invoke`] for every function.
+    #[must_use]
+    pub fn fn_invoke_all(&self) -> String {
+        self.full("patchbay.v1.fn.*.invoke")
+    }
+
+    /// The subscription pattern matching [`Subjects::fn_logs`] for every function.
+    #[must_use]
+    pub fn fn_logs_all(&self) -> String {
+        self.full("patchbay.v1.fn.*.logs")
+    }
+
+    /// The subscription pattern matching every [`Subjects::dlq`] subject.
+    #[must_use]
+    pub fn dlq_all(&self) -> String {
+        self.full("patchbay.v1.dlq.*")
+    }
+
+    /// Parse any platform subject built by this type.
+    pub fn parse(&self, subject: &str) -> Result<PlatformSubject> {
+        let unrecognised = || SubjectError::Unrecognised {
+            subject: subject.to_owned(),
+            expected: "platform",
+        };
+        let tail = self.strip(subject).map_err(|_| unrecognised())?;
+        let parts: Vec<&str> = tail.split('.').collect();
+        let token = |t: &str| Token::new(t).map_err(|_| unrecognised());
+        match parts.as_slice() {
+            ["patchbay", "v1", "fn", name, "invoke"] => Ok(PlatformSubject::FnInvoke {
+                function: token(name)?,
+            }),
+            ["patchbay", "v1", "fn", name, "logs"] => Ok(PlatformSubject::FnLogs {
+                function: token(name)?,
+            }),
+            ["patchbay", "v1", "dlq", name] => Ok(PlatformSubject::Dlq {
+                function: token(name)?,
+            }),
+            ["patchbay", "v1", "runtime", "status"] => Ok(PlatformSubject::RuntimeStatus),
+            _ => Err(unrecognised()),
+        }
+    }
+}
+
+/// A parsed platform subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlatformSubject {
+    /// `patchbay.v1.fn.<name>.invoke`
+    FnInvoke {
+        /// The function invoked.
+        function: Token,
+    },
+    /// `patchbay.v1.fn.<name>.logs`
+    FnLogs {
+        /// The function that logged.
+        function: Token,
+    },
+    /// `patchbay.v1.dlq.<name>`
+    Dlq {
+        /// The function whose event was dead-lettered.
+        function: Token,
+    },
+    /// `patchbay.v1.runtime.status`
+    RuntimeStatus,
+}
+
+/// Whether a concrete `subject` matches a NATS subscription `pattern` (`*` matches one
+/// token, a trailing `>` one or more).
+#[must_use]
+pub fn matches(pattern: &str, subject: &str) -> bool {
+    let mut subject_tokens = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, subject_tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(s)) if p == s => {}
+            _ => return false,
+        }
+    }
+    subject_tokens.next().is_none()
+}
+
+/// Whether `pattern` is a well-formed subject or subscription pattern: non-empty tokens
+/// without white space, `*` only as a whole token, `>` only as the last token.
+#[must_use]
+pub fn is_valid_pattern(pattern: &str) -> bool {
+    let tokens: Vec<&str> = pattern.split('.').collect();
+    tokens.iter().enumerate().all(|(i, t)| {
+        !t.is_empty()
+            && !t.chars().any(char::is_whitespace)
+            && (*t == "*" || !t.contains('*'))
+            && (!t.contains('>') || (*t == ">" && i == tokens.len() - 1))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok(s: &str) -> Token {
+        Token::new(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn platform_subjects_round_trip_with_and_without_prefix() {
+        for prefix in ["", "acme.", "eu.acme."] {
+            let s = Subjects::new(prefix).unwrap_or_else(|e| panic!("{e}"));
+            let f = tok("recording-index");
+            let cases = [
+                (
+                    s.fn_invoke(&f),
+                    PlatformSubject::FnInvoke {
+                        function: f.clone(),
+                    },
+                ),
+                (
+                    s.fn_logs(&f),
+                    PlatformSubject::FnLogs {
+                        function: f.clone(),
+                    },
+                ),
+                (
+                    s.dlq(&f),
+                    PlatformSubject::Dlq {
+                        function: f.clone(),
+                    },
+                ),
+            ];
+            for (subject, parsed) in cases {
+                assert!(subject.starts_with(prefix));
+                assert_eq!(s.parse(&subject), Ok(parsed));
+            }
+        }
+    }
+
+    #[test]
+    fn wildcard_patterns_match_the_subjects_they_stand_for() {
+        let s = Subjects::new("acme.").unwrap_or_else(|e| panic!("{e}"));
+        let f = tok("lookup");
+        assert!(matches(&s.fn_invoke_all(), &s.fn_invoke(&f)));
+        assert!(matches(&s.fn_logs_all(), &s.fn_logs(&f)));
+        assert!(matches(&s.dlq_all(), &s.dlq(&f)));
+        assert!(!matches(&s.fn_invoke_all(), &s.fn_logs(&f)));
+    }
+
+    #[test]
+    fn tokens_refuse_dots_wildcards_and_white_space() {
+        for bad in ["", "a.b", "*", ">", "a b", "caf\u{e9}", &"x".repeat(129)] {
+            assert!(Token::new(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(tok("call_42-a").as_str(), "call_42-a");
+    }
+
+    #[test]
+    fn prefixes_must_be_dot_terminated_tokens() {
+        assert!(Subjects::new("acme").is_err());
+        assert!(Subjects::new(".").is_err());
+        assert!(Subjects::new("a..").is_err());
+        assert!(Subjects::new("a*.").is_err());
+        assert_eq!(
+            Subjects::new("a.b.").map(|s| s.full("x")),
+            Ok("a.b.x".into())
+        );
+    }
+
+    #[test]
+    fn parse_rejects_foreign_subjects() {
+        let s = Subjects::new("acme.").unwrap_or_else(|e| panic!("{e}"));
+        for bad in [
+            "patchbay.v1.fn.x.invoke",
+            "acme.patchbay.v1.fn.x.y.invoke",
+            "acme.patchbay.v2.fn.x.invoke",
+            "acme.patchbay.v1.dlq",
+        ] {
+            assert!(s.parse(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn matching_follows_nats_wildcard_rules() {
+        assert!(matches("a.*.c", "a.b.c"));
+        assert!(!matches("a.*.c", "a.b.c.d"));
+        assert!(matches("a.>", "a.b.c"));
+        assert!(!matches("a.>", "a"));
+        assert!(matches(">", "a"));
+        assert!(!matches("a.b", "a.b.c"));
+        assert!(!matches("a.b.c", "a.b"));
+    }
+
+    #[test]
+    fn pattern_validation_places_wildcards_correctly() {
+        for good in ["a", "a.*.c", "a.>", ">", "$JS.API.>", "_INBOX.x.>"] {
+            assert!(is_valid_pattern(good), "{good}");
+        }
+        for bad in ["", "a..b", "a.>.c", "a*", "a b", ".a", "a."] {
+            assert!(!is_valid_pattern(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,827 @@
+//! `patchbay fn …`: deploy, inspect, invoke, roll back and remove functions, read their
+//! logs and dead letters. Every command takes `--json` for scripting.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream::{self, consumer, kv};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use patchbay_bus::{Bus, CloudEvent, RequestOptions, Token};
+use patchbay_host::dispatch::LogRecord;
+use patchbay_host::registry::{
+    self, DLQ_STREAM, FunctionSpec, LOGS_STREAM, Limits, Registry, TICKS_STREAM, Trigger,
+    VersionSpec,
+};
+use patchbay_host::reply::InvokeReply;
+use patchbay_host::{NodeStatus, dlq};
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// `patchbay fn` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum FnCommand {
+    /// Deploy a component as a new version of a function (and make it active).
+    Deploy(DeployArgs),
+    /// List deployed functions.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every version of a function.
+    Describe {
+        /// Function name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Invoke a function directly and print its outputs.
+    Invoke(InvokeArgs),
+    /// Print a function's log records.
+    Logs {
+        /// Function name.
+        name: String,
+        /// Keep printing new records.
+        #[arg(long, short)]
+        follow: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier version active again.
+    Rollback {
+        /// Function name.
+        name: String,
+        /// Version to activate (default: the one before the active one).
+        #[arg(long)]
+        to: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a function (its versions, trigger consumer and, with --purge, its data).
+    Rm {
+        /// Function name.
+        name: String,
+        /// Also delete the function's KV bucket.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Dead letters: list, show, replay.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `patchbay fn deploy` flags.
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The component (`.wasm`, WASI p2, world `patchbay:function/event-handler`).
+    pub file: PathBuf,
+    /// Function name (letters, digits, `-`, `_`).
+    #[arg(long)]
+    pub name: String,
+    /// `subject:<s>`, `stream:<stream>:<subject>`, `schedule:<cron>` or `invoke`.
+    #[arg(long, default_value = "invoke")]
+    pub trigger: String,
+    /// Subjects (NATS patterns) the function may publish or request on; repeatable.
+    #[arg(long = "publish")]
+    pub publish: Vec<String>,
+    /// Configuration `key=value`; repeatable.
+    #[arg(long = "config", value_parser = parse_key_value)]
+    pub config: Vec<(String, String)>,
+    /// Deliveries of one stream message before it is dead-lettered.
+    #[arg(long, default_value_t = Limits::default().max_deliver)]
+    pub max_deliver: u32,
+    /// Time limit per invocation, e.g. `1s`, `250ms`.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Memory cap per instance in MiB.
+    #[arg(long = "memory", default_value_t = 64)]
+    pub memory_mib: u64,
+    /// Concurrent invocations per node.
+    #[arg(long, default_value_t = Limits::default().max_concurrency)]
+    pub concurrency: u32,
+    /// Wait this long for a runtime node to serve the new version (0 = don't wait).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `patchbay fn invoke` flags.
+#[derive(Debug, clap::Args)]
+pub struct InvokeArgs {
+    /// Function name.
+    pub name: String,
+    /// Event data: JSON text, or `@file`.
+    #[arg(long, default_value = "{}")]
+    pub data: String,
+    /// CloudEvents type.
+    #[arg(long = "type", default_value = "patchbay.invoke.v1")]
+    pub ty: String,
+    /// Interaction key (`partitionkey`).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// How long to wait for the reply.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print the whole reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `patchbay fn dlq` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (of one function, or all).
+    Ls {
+        /// Function name.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: headers and body.
+    Show {
+        /// Its sequence number in PATCHBAY_DLQ.
+        seq: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back on the subject they first arrived on, then remove them.
+    Replay {
+        /// Sequence numbers to replay.
+        seqs: Vec<u64>,
+        /// Replay every dead letter of this function instead.
+        #[arg(long)]
+        all: Option<String>,
+    },
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))?;
+    if k.is_empty() {
+        return Err(format!("empty key in {text:?}"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// Run a `patchbay fn` command.
+pub async fn run(command: FnCommand, bus: Bus) -> anyhow::Result<()> {
+    let registry = Registry::open(&bus.jetstream())
+        .await
+        .context("failed to open the function registry (did `patchbay up` bootstrap it?)")?;
+    match command {
+        FnCommand::Deploy(args) => deploy(&bus, &registry, args).await,
+        FnCommand::Ls { json } => ls(&registry, json).await,
+        FnCommand::Describe { name, json } => describe(&registry, &name, json).await,
+        FnCommand::Invoke(args) => invoke(&bus, args).await,
+        FnCommand::Logs { name, follow, json } => logs(&bus, &name, follow, json).await,
+        FnCommand::Rollback { name, to, json } => rollback(&bus, &registry, &name, to, json).await,
+        FnCommand::Rm { name, purge } => rm(&bus, &registry, &name, purge).await,
+        FnCommand::Dlq(cmd) => dlq_command(&bus, cmd).await,
+    }
+}
+
+fn token(name: &str) -> anyhow::Result<Token> {
+    Token::new(name).with_context(|| format!("invalid function name {name:?}"))
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Result<()> {
+    let name = token(&args.name)?;
+    let trigger = Trigger::parse(&args.trigger)?;
+    for p in &args.publish {
+        if !patchbay_bus::subject::is_valid_pattern(p) {
+            bail!("--publish {p:?} is not a valid subject pattern");
+        }
+    }
+    let size = std::fs::metadata(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?
+        .len();
+    // The engine that validates is configured like a runtime node's, with one slot.
+    let engine_config = patchbay_host::EngineConfig {
+        max_concurrent_instances: 1,
+        ..patchbay_host::EngineConfig::default()
+    };
+    let max = engine_config.max_component_bytes as u64;
+    if size > max {
+        bail!(
+            "{} is {size} bytes, over the {max}-byte limit for a component",
+            args.file.display()
+        );
+    }
+    let bytes = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+
+    // Validate before anything is stored: a refused component changes nothing.
+    let started = Instant::now();
+    let validated = tokio::task::spawn_blocking(move || {
+        let engine = patchbay_host::Engine::new(engine_config)?;
+        engine.load(&bytes).map_err(anyhow::Error::from)?;
+        Ok::<_, anyhow::Error>(bytes)
+    })
+    .await
+    .context("validation task failed")?;
+    let bytes = validated.with_context(|| format!("refusing to deploy {}", args.file.display()))?;
+    if !args.json {
+        eprintln!(
+            "validated {} ({} KiB) in {:?}",
+            args.file.display(),
+            bytes.len() / 1024,
+            started.elapsed()
+        );
+    }
+
+    let js = bus.jetstream();
+    let started = Instant::now();
+    let digest = registry.put_artifact(&bytes).await?;
+    if !args.json {
+        eprintln!("uploaded sha256:{digest} in {:?}", started.elapsed());
+    }
+    ensure_bucket(&js, &name).await?;
+    let limits = Limits {
+        timeout_ms: u64::try_from(args.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
+        memory_bytes: args.memory_mib.max(1) << 20,
+        max_concurrency: args.concurrency.max(1),
+        max_deliver: args.max_deliver.max(1),
+    };
+    ensure_consumer(bus, &name, &trigger, &limits).await?;
+    let version = VersionSpec {
+        version: 0,
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        deployed_at: now_rfc3339(),
+        trigger: trigger.clone(),
+        publish: args.publish.clone(),
+        config: args.config.into_iter().collect::<BTreeMap<_, _>>(),
+        limits,
+    };
+    let spec = registry
+        .update(name.as_str(), |current| {
+            let mut spec = current.unwrap_or_else(|| FunctionSpec {
+                name: name.to_string(),
+                active: 0,
+                versions: vec![],
+            });
+            spec.push(version.clone());
+            Ok(spec)
+        })
+        .await?;
+    let serving = if args.wait.is_zero() {
+        vec![]
+    } else {
+        wait_for_version(bus, name.as_str(), spec.active, args.wait).await
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({ "name": name.as_str(), "version": spec.active, "digest": digest,
+                    "trigger": trigger.to_string(), "nodes": serving })
+        );
+    } else {
+        println!(
+            "deployed {name} v{} (sha256:{}) trigger {trigger}",
+            spec.active,
+            &digest[..12]
+        );
+        if serving.is_empty() && !args.wait.is_zero() {
+            println!("warning: no runtime node serves v{} yet", spec.active);
+        } else if !serving.is_empty() {
+            println!("serving on {}", serving.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Create the function's own KV bucket if it does not exist (admin only).
+async fn ensure_bucket(js: &jetstream::Context, name: &Token) -> anyhow::Result<()> {
+    let bucket = registry::function_bucket(name);
+    if js.get_key_value(&bucket).await.is_ok() {
+        return Ok(());
+    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.clone(),
+        description: format!("state of function {name}"),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("failed to create KV bucket {bucket}"))?;
+    Ok(())
+}
+
+/// Create or update the durable consumer a `stream` or `schedule` trigger reads.
+async fn ensure_consumer(
+    bus: &Bus,
+    name: &Token,
+    trigger: &Trigger,
+    limits: &Limits,
+) -> anyhow::Result<()> {
+    let subjects = bus.subjects();
+    let (stream, filter) = match trigger {
+        Trigger::Stream { stream, subject } => (stream.clone(), subjects.full(subject)),
+        Trigger::Schedule { .. } => (
+            TICKS_STREAM.to_owned(),
+            registry::tick_subject(subjects, name),
+        ),
+        Trigger::Subject { .. } | Trigger::Invoke => return Ok(()),
+    };
+    let js = bus.jetstream();
+    let stream_handle = js.get_stream(&stream).await.with_context(|| {
+        format!("stream {stream} does not exist (declare it in deploy/streams.toml)")
+    })?;
+    // ack_wait covers the whole invocation plus publishing outputs; a crashed node's
+    // messages come back to the others after it.
+    let ack_wait =
+        Duration::from_millis(limits.timeout_ms.saturating_mul(2)).max(Duration::from_secs(3));
+    let durable = registry::consumer_name(name);
+    stream_handle
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(durable.clone()),
+            description: Some(format!("trigger of function {name}")),
+            filter_subject: filter,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: i64::from(limits.max_deliver),
+            max_ack_pending: i64::from(limits.max_concurrency.saturating_mul(4)),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("failed to create consumer {durable} on {stream}"))?;
+    Ok(())
+}
+
+/// Ask every node what it serves until one serves `version` of `name`; the nodes that do.
+async fn wait_for_version(bus: &Bus, name: &str, version: u32, wait: Duration) -> Vec<String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let serving: Vec<String> = node_statuses(bus, Duration::from_millis(300))
+            .await
+            .into_iter()
+            .filter(|s| {
+                s.functions
+                    .iter()
+                    .any(|f| f.name == name && f.version == version)
+            })
+            .map(|s| s.node)
+            .collect();
+        if !serving.is_empty() || Instant::now() >= deadline {
+            return serving;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Scatter-gather `patchbay.v1.runtime.status`: every node's answer within `window`.
+pub async fn node_statuses(bus: &Bus, window: Duration) -> Vec<NodeStatus> {
+    let client = bus.client();
+    let inbox = client.new_inbox();
+    let Ok(mut sub) = client.subscribe(inbox.clone()).await else {
+        return vec![];
+    };
+    if client
+        .publish_with_reply(bus.subjects().runtime_status(), inbox, Bytes::new())
+        .await
+        .is_err()
+    {
+        return vec![];
+    }
+    let mut statuses = Vec::new();
+    let end = tokio::time::Instant::now() + window;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(end, sub.next()).await {
+        if let Ok(status) = serde_json::from_slice::<NodeStatus>(&msg.payload) {
+            statuses.push(status);
+        }
+    }
+    statuses.sort_by(|a, b| a.node.cmp(&b.node));
+    statuses
+}
+
+async fn ls(registry: &Registry, json: bool) -> anyhow::Result<()> {
+    let specs = registry.list().await?;
+    if json {
+        let rows: Vec<_> = specs
+            .iter()
+            .filter_map(|s| {
+                let v = s.active_version().ok()?;
+                Some(
+                    json!({ "name": s.name, "version": v.version, "digest": v.digest,
+                             "trigger": v.trigger.to_string(), "deployed_at": v.deployed_at,
+                             "versions": s.versions.len() }),
+                )
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>7} {:<14} {:<48} DEPLOYED",
+        "NAME", "VERSION", "DIGEST", "TRIGGER"
+    );
+    for s in &specs {
+        if let Ok(v) = s.active_version() {
+            println!(
+                "{:<24} {:>7} {:<14} {:<48} {}",
+                s.name,
+                format!("v{}", v.version),
+                &v.digest[..12],
+                v.trigger.to_string(),
+                v.deployed_at
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn describe(registry: &Registry, name: &str, json: bool) -> anyhow::Result<()> {
+    let (spec, revision) =
+        registry
+            .get(name)
+            .await?
+            .ok_or_else(|| registry::RegistryError::UnknownFunction {
+                name: name.to_owned(),
+            })?;
+    if json {
+        let mut value = serde_json::to_value(&spec)?;
+        value["revision"] = revision.into();
+        println!("{value}");
+        return Ok(());
+    }
+    println!(
+        "{} (active v{}, registry revision {revision})",
+        spec.name, spec.active
+    );
+    for v in spec.versions.iter().rev() {
+        let marker = if v.version == spec.active { "*" } else { " " };
+        println!(
+            "{marker} v{:<4} sha256:{}  {} bytes  deployed {}",
+            v.version, v.digest, v.size, v.deployed_at
+        );
+        println!("        trigger  {}", v.trigger);
+        println!(
+            "        limits   timeout {}ms, memory {} MiB, concurrency {}, max deliver {}",
+            v.limits.timeout_ms,
+            v.limits.memory_bytes >> 20,
+            v.limits.max_concurrency,
+            v.limits.max_deliver
+        );
+        if !v.publish.is_empty() {
+            println!("        publish  {}", v.publish.join(", "));
+        }
+        for (k, val) in &v.config {
+            println!("        config   {k}={val}");
+        }
+    }
+    Ok(())
+}
+
+async fn invoke(bus: &Bus, args: InvokeArgs) -> anyhow::Result<()> {
+    let name = token(&args.name)?;
+    let data = match args.data.strip_prefix('@') {
+        Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path}"))?,
+        None => args.data.into_bytes(),
+    };
+    let content_type = if serde_json::from_slice::<serde_json::Value>(&data).is_ok() {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    let mut event = CloudEvent::new("/patchbay/cli", args.ty).data(content_type, data);
+    if let Some(key) = args.key {
+        event = event.partition_key(key);
+    }
+    let reply = bus
+        .request(
+            &bus.subjects().fn_invoke(&name),
+            &event,
+            RequestOptions::timeout(args.timeout),
+        )
+        .await
+        .with_context(|| format!("failed to invoke {name}"))?;
+    let body: InvokeReply =
+        serde_json::from_slice(&reply.payload).context("unreadable reply from the runtime")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&body)?);
+    } else {
+        match &body {
+            InvokeReply::Ok {
+                version, outputs, ..
+            } => {
+                eprintln!("{name} v{version}: {} output(s)", outputs.len());
+                for o in outputs {
+                    println!("{}", serde_json::to_string_pretty(o)?);
+                }
+            }
+            InvokeReply::Failure {
+                version, failure, ..
+            } => {
+                eprintln!(
+                    "{name} v{version} declined the event: {}",
+                    serde_json::to_string(failure)?
+                );
+            }
+            InvokeReply::Error { kind, message, .. } => {
+                eprintln!("{name}: {kind:?}: {message}");
+            }
+        }
+    }
+    match body {
+        InvokeReply::Ok { .. } => Ok(()),
+        InvokeReply::Failure { .. } => std::process::exit(3),
+        InvokeReply::Error { .. } => std::process::exit(4),
+    }
+}
+
+async fn logs(bus: &Bus, name: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+    let name = token(name)?;
+    let js = bus.jetstream();
+    let stream = js
+        .get_stream(LOGS_STREAM)
+        .await
+        .context("no PATCHBAY_LOGS stream")?;
+    let filter = bus.subjects().fn_logs(&name);
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read the logs stream")?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await?;
+    let mut out = std::io::stdout().lock();
+    while follow || pending > 0 {
+        let Some(msg) = messages.next().await else {
+            break;
+        };
+        let msg = msg?;
+        pending = msg.info().map(|i| i.pending).unwrap_or(0);
+        match serde_json::from_slice::<LogRecord>(&msg.payload) {
+            Ok(r) if json => writeln!(out, "{}", serde_json::to_string(&r)?)?,
+            Ok(r) => writeln!(
+                out,
+                "{} {:<5} {} v{} [{}] {}",
+                r.time_ms, r.level, r.node, r.version, r.event_id, r.message
+            )?,
+            Err(_) => writeln!(out, "{}", String::from_utf8_lossy(&msg.payload))?,
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+async fn rollback(
+    bus: &Bus,
+    registry: &Registry,
+    name: &str,
+    to: Option<u32>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let spec = registry
+        .update(name, |current| {
+            let mut spec = current.ok_or_else(|| registry::RegistryError::UnknownFunction {
+                name: name.to_owned(),
+            })?;
+            spec.rollback(to)?;
+            Ok(spec)
+        })
+        .await?;
+    let version = spec.active_version()?;
+    let name_token = token(name)?;
+    ensure_consumer(bus, &name_token, &version.trigger, &version.limits).await?;
+    let serving = wait_for_version(bus, name, spec.active, Duration::from_secs(10)).await;
+    if json {
+        println!(
+            "{}",
+            json!({ "name": name, "version": spec.active, "nodes": serving })
+        );
+    } else {
+        println!(
+            "{name} now serves v{} (sha256:{})",
+            spec.active,
+            &version.digest[..12]
+        );
+    }
+    Ok(())
+}
+
+async fn rm(bus: &Bus, registry: &Registry, name: &str, purge: bool) -> anyhow::Result<()> {
+    let name = token(name)?;
+    let spec = registry.get(name.as_str()).await?.map(|(s, _)| s);
+    registry.remove(name.as_str()).await?;
+    let js = bus.jetstream();
+    if let Some(spec) = spec {
+        for stream in spec
+            .versions
+            .iter()
+            .filter_map(|v| match &v.trigger {
+                Trigger::Stream { stream, .. } => Some(stream.clone()),
+                Trigger::Schedule { .. } => Some(TICKS_STREAM.to_owned()),
+                _ => None,
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            if let Ok(s) = js.get_stream(&stream).await {
+                let _ = s.delete_consumer(&registry::consumer_name(&name)).await;
+            }
+        }
+    }
+    if purge {
+        let bucket = registry::function_bucket(&name);
+        js.delete_key_value(&bucket)
+            .await
+            .with_context(|| format!("failed to delete bucket {bucket}"))?;
+    }
+    println!("removed {name}");
+    Ok(())
+}
+
+/// One dead letter as listed.
+fn dlq_row(seq: u64, headers: Option<&async_nats::HeaderMap>) -> serde_json::Value {
+    let get = |n: &str| {
+        headers
+            .and_then(|h| h.get(n))
+            .map(|v| v.as_str().to_owned())
+    };
+    json!({
+        "seq": seq,
+        "function": get(dlq::FUNCTION),
+        "version": get(dlq::VERSION),
+        "attempts": get(dlq::ATTEMPTS),
+        "error": get(dlq::ERROR),
+        "subject": get(dlq::SUBJECT),
+        "trace_id": get(dlq::TRACE_ID),
+        "time_ms": get(dlq::TIME),
+        "event_id": get("ce-id"),
+    })
+}
+
+/// Every dead letter of `function` (or all), oldest first.
+async fn dead_letters(
+    bus: &Bus,
+    function: Option<&Token>,
+) -> anyhow::Result<Vec<(u64, async_nats::jetstream::message::StreamMessage)>> {
+    let js = bus.jetstream();
+    let stream = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .context("no PATCHBAY_DLQ stream")?;
+    let filter = match function {
+        Some(f) => bus.subjects().dlq(f),
+        None => bus.subjects().dlq_all(),
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            ..Default::default()
+        })
+        .await?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    while pending > 0 {
+        let Some(msg) = messages.next().await else {
+            break;
+        };
+        let msg = msg?;
+        let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        pending = info.pending;
+        let seq = info.stream_sequence;
+        let raw = stream.get_raw_message(seq).await?;
+        out.push((seq, raw));
+    }
+    Ok(out)
+}
+
+async fn dlq_command(bus: &Bus, command: DlqCommand) -> anyhow::Result<()> {
+    let js = bus.jetstream();
+    match command {
+        DlqCommand::Ls { name, json } => {
+            let function = name.as_deref().map(token).transpose()?;
+            let rows: Vec<_> = dead_letters(bus, function.as_ref())
+                .await?
+                .iter()
+                .map(|(seq, m)| dlq_row(*seq, Some(&m.headers)))
+                .collect();
+            if json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:>6} {:<20} {:>8} {:<36} ERROR",
+                    "SEQ", "FUNCTION", "ATTEMPTS", "EVENT"
+                );
+                for r in rows {
+                    let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+                    println!(
+                        "{:>6} {:<20} {:>8} {:<36} {}",
+                        r["seq"],
+                        s("function"),
+                        s("attempts"),
+                        s("event_id"),
+                        s("error")
+                    );
+                }
+            }
+        }
+        DlqCommand::Show { seq, json } => {
+            let stream = js.get_stream(DLQ_STREAM).await?;
+            let m = stream
+                .get_raw_message(seq)
+                .await
+                .with_context(|| format!("no dead letter with sequence {seq}"))?;
+            let headers: BTreeMap<String, String> = m
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    let k: &str = k.as_ref();
+                    (
+                        k.to_owned(),
+                        v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(", "),
+                    )
+                })
+                .collect();
+            let body = String::from_utf8_lossy(&m.payload).into_owned();
+            if json {
+                println!(
+                    "{}",
+                    json!({ "seq": seq, "subject": m.subject.as_str(), "headers": headers, "body": body })
+                );
+            } else {
+                println!("seq {seq} on {}", m.subject);
+                for (k, v) in &headers {
+                    println!("{k}: {v}");
+                }
+                println!("\n{body}");
+            }
+        }
+        DlqCommand::Replay { seqs, all } => {
+            let stream = js.get_stream(DLQ_STREAM).await?;
+            let targets: Vec<(u64, async_nats::jetstream::message::StreamMessage)> = match all {
+                Some(name) => dead_letters(bus, Some(&token(&name)?)).await?,
+                None => {
+                    let mut v = Vec::new();
+                    for seq in seqs {
+                        let m = stream
+                            .get_raw_message(seq)
+                            .await
+                            .with_context(|| format!("no dead letter with sequence {seq}"))?;
+                        v.push((seq, m));
+                    }
+                    v
+                }
+            };
+            for (seq, m) in targets {
+                let subject = m
+                    .headers
+                    .get(dlq::SUBJECT)
+                    .map(|v| v.as_str().to_owned())
+                    .with_context(|| {
+                        format!("dead letter {seq} does not say where it came from")
+                    })?;
+                let mut headers = dlq::original_headers(&m.headers);
+                // A fresh de-duplication id: the original one would be dropped as a
+                // duplicate if it is still inside the stream's window.
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("replay:{seq}").as_str(),
+                );
+                let ack = js
+                    .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                    .await;
+                match ack {
+                    Ok(ack) => {
+                        ack.await.with_context(|| {
+                            format!("replay of {seq} to {subject} was not stored")
+                        })?;
+                    }
+                    Err(e) => bail!("failed to replay {seq} to {subject}: {e}"),
+                }
+                stream.delete_message(seq).await.with_context(|| {
+                    format!("replayed {seq} but could not remove it from the DLQ")
+                })?;
+                println!("replayed {seq} to {subject}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! The library behind the `patchbay` command: everything the operator side of Patchbay
+//! prepares before (and around) workloads connecting to the bus.
+//!
+//! * [`certs`] — workload identities (`kind/name`), the dev certificate authority and the
+//!   per-workload certificates with SPIFFE URI SANs;
+//! * [`access`] — `deploy/access.toml`, the deny-by-default subject permissions per identity,
+//!   plus the expectations a deny-matrix test checks against a live server;
+//! * [`natsconf`] — the nats-server configuration (mTLS with `verify_and_map`, JetStream
+//!   with `sync_interval: always`, one user per identity);
+//! * [`streams`] — `deploy/streams.toml` and the idempotent admin bootstrap of the JetStream
+//!   streams, KV buckets, object stores and durable consumers.
+//!
+//! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
+//! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
+
+pub mod access;
+pub mod certs;
+pub mod connection;
+pub mod envfile;
+pub mod function;
+pub mod natsconf;
+pub mod streams;
+
+#[cfg(test)]
+mod test_nats;

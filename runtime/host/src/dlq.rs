@@ -1,0 +1,150 @@
+//! Dead letters: what a PATCHBAY_DLQ record carries.
+//!
+//! A record is the original message — body and every original header, trace context
+//! included — plus `patchbay-dlq-*` headers saying which function and version gave up on
+//! it, after how many attempts, why, and on which subject it first arrived, so
+//! `patchbay fn dlq replay` can put it back exactly where it came from.
+
+use async_nats::HeaderMap;
+
+/// Function that dead-lettered the message.
+pub const FUNCTION: &str = "patchbay-dlq-function";
+/// Its version.
+pub const VERSION: &str = "patchbay-dlq-version";
+/// The component digest of that version.
+pub const DIGEST: &str = "patchbay-dlq-digest";
+/// Deliveries attempted.
+pub const ATTEMPTS: &str = "patchbay-dlq-attempts";
+/// The last error or the function's reason.
+pub const ERROR: &str = "patchbay-dlq-error";
+/// The trace id of the message (also still in `traceparent`).
+pub const TRACE_ID: &str = "patchbay-dlq-trace-id";
+/// The subject the message originally arrived on.
+pub const SUBJECT: &str = "patchbay-dlq-subject";
+/// The stream and sequence it came from, `STREAM:seq`, when it came from a stream.
+pub const SOURCE: &str = "patchbay-dlq-source";
+/// The node that gave up.
+pub const NODE: &str = "patchbay-dlq-node";
+/// When (ms since the Unix epoch).
+pub const TIME: &str = "patchbay-dlq-time";
+
+/// Everything recorded about why a message was dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    /// Function name.
+    pub function: &'a str,
+    /// Version, if one was chosen.
+    pub version: Option<u32>,
+    /// Digest of that version.
+    pub digest: Option<&'a str>,
+    /// Deliveries attempted.
+    pub attempts: u64,
+    /// Why.
+    pub error: &'a str,
+    /// The subject it arrived on.
+    pub subject: &'a str,
+    /// `STREAM:seq` when it came from a stream.
+    pub source: Option<String>,
+    /// This node.
+    pub node: &'a str,
+    /// Now, ms since the Unix epoch.
+    pub time_millis: u64,
+}
+
+impl DeadLetter<'_> {
+    /// The original headers plus the dead-letter headers (header values cannot hold
+    /// line breaks, so the error is flattened).
+    #[must_use]
+    pub fn headers(&self, original: Option<&HeaderMap>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(original) = original {
+            for (name, values) in original.iter() {
+                let n: &str = name.as_ref();
+                // The original de-duplication id must not block the dead letter, nor
+                // later a replay, so it is not copied.
+                if n.eq_ignore_ascii_case("Nats-Msg-Id") {
+                    continue;
+                }
+                for value in values {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+        }
+        headers.insert(FUNCTION, self.function);
+        if let Some(v) = self.version {
+            headers.insert(VERSION, v.to_string().as_str());
+        }
+        if let Some(d) = self.digest {
+            headers.insert(DIGEST, d);
+        }
+        headers.insert(ATTEMPTS, self.attempts.to_string().as_str());
+        headers.insert(ERROR, self.error.replace(['\r', '\n'], " ").as_str());
+        if let Some(t) = patchbay_bus::trace::trace_id(original) {
+            headers.insert(TRACE_ID, t.as_str());
+        }
+        headers.insert(SUBJECT, self.subject);
+        if let Some(s) = &self.source {
+            headers.insert(SOURCE, s.as_str());
+        }
+        headers.insert(NODE, self.node);
+        headers.insert(TIME, self.time_millis.to_string().as_str());
+        headers
+    }
+}
+
+/// The headers to re-publish a dead letter with: the original ones, without the
+/// `patchbay-dlq-*` additions.
+#[must_use]
+pub fn original_headers(record: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in record.iter() {
+        let n: &str = name.as_ref();
+        if n.to_ascii_lowercase().starts_with("patchbay-dlq-") {
+            continue;
+        }
+        for value in values {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_keep_the_original_headers_and_replay_strips_the_additions() {
+        let mut original = HeaderMap::new();
+        original.insert("ce-id", "e1");
+        original.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        original.insert("Nats-Msg-Id", "e1");
+        let dl = DeadLetter {
+            function: "f",
+            version: Some(3),
+            digest: Some("abc"),
+            attempts: 5,
+            error: "boom\nagain",
+            subject: "cc.v1.x",
+            source: Some("CC_CALLS:9".into()),
+            node: "node-1",
+            time_millis: 1,
+        };
+        let h = dl.headers(Some(&original));
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_owned());
+        assert_eq!(
+            get(TRACE_ID).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(get(ERROR).as_deref(), Some("boom again"));
+        assert_eq!(get(VERSION).as_deref(), Some("3"));
+        assert_eq!(get("ce-id").as_deref(), Some("e1"));
+        assert_eq!(get("Nats-Msg-Id"), None);
+        let back = original_headers(&h);
+        assert_eq!(back.get("ce-id").map(|v| v.as_str()), Some("e1"));
+        assert!(back.get(FUNCTION).is_none() && back.get(ERROR).is_none());
+    }
+}

@@ -1,0 +1,42 @@
+//! The Patchbay function host: runs event functions (WebAssembly components targeting
+//! `patchbay:function/event-handler`) in a sandbox, one fresh instance per event.
+//!
+//! * [`world`] — the WIT bindings (the one `bindgen!`) and the event types;
+//! * [`engine`] — load (check, compile, cache, pre-link) and invoke under limits;
+//! * [`capabilities`] — the bus/kv/config/log imports, the publish allow-list, and the
+//!   [`HostCapabilities`] trait the node implements over NATS;
+//! * [`limits`] — per-invocation limits.
+//!
+//! The engine never talks to NATS itself; the node wires triggers, the registry and the
+//! NATS-backed capabilities around it:
+//!
+//! * [`registry`] — function specs (KV, revision CAS) and artifacts (object store);
+//! * [`node`] — a runtime node: registry watch, hot swap, drain, the `run` entry point;
+//! * [`triggers`] — subject, stream, schedule and invoke triggers (one shape);
+//! * [`dispatch`] — the one invocation path and the NATS-backed imports;
+//! * [`reply`], [`dlq`] — what callers and the dead-letter stream receive;
+//! * [`schedule`] — cron parsing; [`metrics`] — the host's Prometheus metrics.
+
+pub mod capabilities;
+pub mod dispatch;
+pub mod dlq;
+pub mod engine;
+pub mod limits;
+pub mod metrics;
+pub mod node;
+pub mod registry;
+pub mod reply;
+pub mod schedule;
+pub(crate) mod triggers;
+pub mod world;
+
+pub use node::{NodeConfig, NodeError, run};
+pub use triggers::status::{NodeStatus, ServedFunction};
+
+pub use capabilities::{HostCapabilities, MemoryCapabilities, PublishAllowList};
+pub use engine::{
+    Engine, EngineConfig, EngineError, FunctionCode, Invocation, InvocationStats, InvokeError,
+    InvokeErrorKind, InvokeOutcome, LoadError,
+};
+pub use limits::Limits;
+pub use world::{BusError, Event, Failure, KvError, Level, Retry};

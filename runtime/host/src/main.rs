@@ -1,0 +1,74 @@
+//! `patchbay-runtime`: one runtime node. It connects with its own identity
+//! (`runtime/<node>`), serves every deployed function and drains on SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use patchbay_bus::args::BusArgs;
+use patchbay_host::{EngineConfig, NodeConfig};
+use patchbay_telemetry::{
+    Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
+};
+
+/// Run a Patchbay runtime node.
+#[derive(Debug, Parser)]
+#[command(name = "patchbay-runtime", version, about)]
+struct Args {
+    /// Node name; its certificate must carry `spiffe://<trust-domain>/runtime/<node>`.
+    #[arg(long, env = "PATCHBAY_NODE", default_value = "node-1")]
+    node: String,
+    /// How long SIGTERM waits for in-flight invocations.
+    #[arg(long, env = "PATCHBAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Instance slots in the pooling allocator (concurrent invocations across functions).
+    #[arg(long, env = "PATCHBAY_MAX_INSTANCES", default_value_t = 256)]
+    max_instances: u32,
+    #[command(flatten)]
+    bus: BusArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let telemetry = args
+        .telemetry
+        .config("patchbay-runtime", &args.node, |k| std::env::var(k).ok())
+        .context("invalid telemetry settings")?;
+    let _guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
+
+    let metrics = Metrics::new();
+    let health = Health::new();
+    let ready = health.register("registry");
+    let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to bind admin listener {}",
+                args.telemetry.admin_listen
+            )
+        })?;
+    tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
+    tokio::spawn(serve_admin(
+        admin,
+        admin_router(metrics.clone(), health),
+        shutdown_signal(),
+    ));
+
+    let mut engine = EngineConfig::default();
+    engine.max_concurrent_instances = args.max_instances;
+    let config = NodeConfig {
+        bus: args
+            .bus
+            .config(format!("patchbay-runtime/{}", args.node))
+            .context("invalid subject prefix")?,
+        node: args.node,
+        engine,
+        drain_timeout: args.drain_timeout,
+    };
+    patchbay_host::run(config, &metrics, ready, shutdown_signal())
+        .await
+        .context("runtime node failed")
+}

@@ -1,0 +1,74 @@
+//! The function host's Prometheus metrics (names are stable and documented in README).
+
+use patchbay_telemetry::{DURATION_BUCKETS_SECONDS, Metrics};
+use prometheus::{GaugeVec, HistogramVec, IntCounterVec};
+
+/// Buckets for instantiation, which takes microseconds, not milliseconds.
+const INSTANTIATE_BUCKETS_SECONDS: &[f64] = &[
+    1e-6, 2e-6, 4e-6, 6e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2,
+];
+
+/// Every metric the host records.
+#[derive(Clone, Debug)]
+pub struct HostMetrics {
+    /// `patchbay_fn_invocations_total{function,version,trigger,outcome}`: outcome is `ok`,
+    /// `retry`, `dead-letter`, `drop` or an error kind (`trap`, `timeout`, …).
+    pub invocations: IntCounterVec,
+    /// `patchbay_fn_duration_seconds{function,version}`: instantiate + call.
+    pub duration: HistogramVec,
+    /// `patchbay_fn_instantiate_seconds{function,version}`.
+    pub instantiate: HistogramVec,
+    /// `patchbay_fn_inflight{function}`: invocations running now on this node.
+    pub inflight: GaugeVec,
+    /// `patchbay_fn_bad_input_total{function,trigger}`: messages refused before running.
+    pub bad_input: IntCounterVec,
+    /// `patchbay_fn_dead_letters_total{function,version}`.
+    pub dead_letters: IntCounterVec,
+    /// `patchbay_fn_loaded{function,version}`: 1 for the version this node serves.
+    pub loaded: GaugeVec,
+}
+
+impl HostMetrics {
+    /// Register the host metrics in `metrics`.
+    pub fn register(metrics: &Metrics) -> patchbay_telemetry::Result<Self> {
+        Ok(Self {
+            invocations: metrics.counter_vec(
+                "patchbay_fn_invocations_total",
+                "Function invocations by outcome.",
+                &["function", "version", "trigger", "outcome"],
+            )?,
+            duration: metrics.histogram_vec(
+                "patchbay_fn_duration_seconds",
+                "Time from instantiation to the handler's return.",
+                &["function", "version"],
+                DURATION_BUCKETS_SECONDS,
+            )?,
+            instantiate: metrics.histogram_vec(
+                "patchbay_fn_instantiate_seconds",
+                "Time to instantiate a fresh component instance.",
+                &["function", "version"],
+                INSTANTIATE_BUCKETS_SECONDS,
+            )?,
+            inflight: metrics.gauge_vec(
+                "patchbay_fn_inflight",
+                "Invocations running on this node.",
+                &["function"],
+            )?,
+            bad_input: metrics.counter_vec(
+                "patchbay_fn_bad_input_total",
+                "Trigger messages refused before the function ran (malformed, too late).",
+                &["function", "trigger"],
+            )?,
+            dead_letters: metrics.counter_vec(
+                "patchbay_fn_dead_letters_total",
+                "Events moved to PATCHBAY_DLQ.",
+                &["function", "version"],
+            )?,
+            loaded: metrics.gauge_vec(
+                "patchbay_fn_loaded",
+                "1 for the function version this node serves.",
+                &["function", "version"],
+            )?,
+        })
+    }
+}

@@ -1,0 +1,449 @@
+//! A runtime node: connects with its own identity, watches the registry, keeps the
+//! active version of every function loaded, and runs its triggers.
+//!
+//! Hot swap: the function table maps a name to the [`Deployed`] version serving it. A
+//! message picks the version when it is dispatched and holds it until done, so a deploy
+//! or rollback replaces the entry without a restart, in-flight invocations of the old
+//! version finish on it (drain), and no message is handled by both. A trigger's
+//! subscription is replaced only when the trigger itself changes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt as _;
+use patchbay_bus::{Bus, BusConfig, CloudEvent, ConnectError, Deadline, Token};
+use patchbay_telemetry::{Metrics, ReadyFlag};
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::engine::{Engine, EngineConfig, FunctionCode};
+use crate::metrics::HostMetrics;
+use crate::registry::{FunctionSpec, Registry, RegistryError, Trigger, VersionSpec};
+use crate::reply::{ErrorKind, FailureReply};
+use crate::triggers;
+
+/// How to run a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's name; its identity is `runtime/<node>`.
+    pub node: String,
+    /// The bus connection (its certificate must be the node's identity).
+    pub bus: BusConfig,
+    /// The wasm engine.
+    pub engine: EngineConfig,
+    /// How long shutdown waits for in-flight invocations.
+    pub drain_timeout: Duration,
+}
+
+/// Why a node stopped.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// The bus connection failed.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The registry is unavailable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The engine could not start.
+    #[error("wasm engine: {0}")]
+    Engine(String),
+    /// Metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] patchbay_telemetry::TelemetryError),
+    /// A bus operation failed.
+    #[error("{operation} failed: {reason}")]
+    Nats {
+        /// What was being done.
+        operation: &'static str,
+        /// The underlying message.
+        reason: String,
+    },
+}
+
+/// The version of a function this node serves.
+pub(crate) struct Deployed {
+    pub name: Token,
+    pub spec: VersionSpec,
+    pub code: FunctionCode,
+    pub limiter: Arc<Semaphore>,
+    /// The version's limits in the engine's terms.
+    pub limits: crate::limits::Limits,
+    /// The version's configuration, shared by every invocation.
+    pub config: Arc<std::collections::BTreeMap<String, String>>,
+    /// The version's publish allow-list.
+    pub allow: crate::capabilities::PublishAllowList,
+}
+
+/// What came of running a function on one event.
+pub(crate) enum Outcome {
+    /// Output events with the subject each goes to (prefix applied).
+    Ok(Vec<(String, CloudEvent)>),
+    /// The function declined.
+    Failure(FailureReply),
+    /// The platform could not complete the invocation.
+    Error(ErrorKind, String),
+}
+
+impl Outcome {
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::Ok(_) => "ok",
+            Self::Failure(FailureReply::Retry { .. }) => "retry",
+            Self::Failure(FailureReply::DeadLetter { .. }) => "dead-letter",
+            Self::Failure(FailureReply::Drop { .. }) => "drop",
+            Self::Error(kind, _) => error_label(*kind),
+        }
+    }
+}
+
+pub(crate) fn error_label(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::UnknownFunction => "unknown-function",
+        ErrorKind::BadInput => "bad-input",
+        ErrorKind::DeadlineExceeded => "deadline-exceeded",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::OutOfMemory => "out-of-memory",
+        ErrorKind::Trap => "trap",
+        ErrorKind::Overloaded => "overloaded",
+        ErrorKind::ForbiddenOutput => "forbidden-output",
+        ErrorKind::Internal => "internal",
+    }
+}
+
+struct RunningTrigger {
+    trigger: Trigger,
+    stop: CancellationToken,
+}
+
+/// Shared state of a running node.
+pub(crate) struct Node {
+    pub name: String,
+    pub bus: Bus,
+    pub engine: Engine,
+    pub registry: Registry,
+    pub metrics: HostMetrics,
+    /// In-flight work, waited for at shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled at shutdown: every trigger stops taking new work.
+    pub shutdown: CancellationToken,
+    functions: RwLock<HashMap<String, Arc<Deployed>>>,
+    code_cache: Mutex<HashMap<String, FunctionCode>>,
+    buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
+    triggers: Mutex<HashMap<String, RunningTrigger>>,
+    /// Output subjects that no stream captures (published with core NATS).
+    pub core_subjects: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Run a node until `shutdown` resolves, then drain.
+pub async fn run(
+    config: NodeConfig,
+    metrics: &Metrics,
+    ready: ReadyFlag,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let bus = patchbay_bus::connect(&config.bus).await?;
+    let engine =
+        Engine::new(config.engine.clone()).map_err(|e| NodeError::Engine(e.to_string()))?;
+    let registry = Registry::open(&bus.jetstream()).await?;
+    let node = Arc::new(Node {
+        name: config.node.clone(),
+        bus,
+        engine,
+        registry,
+        metrics: HostMetrics::register(metrics)?,
+        tasks: TaskTracker::new(),
+        shutdown: CancellationToken::new(),
+        functions: RwLock::default(),
+        code_cache: Mutex::default(),
+        buckets: tokio::sync::Mutex::default(),
+        triggers: Mutex::default(),
+        core_subjects: Mutex::default(),
+    });
+
+    for spec in node.registry.list().await? {
+        node.apply(spec).await;
+    }
+    let invoke = tokio::spawn(triggers::invoke::run(Arc::clone(&node)));
+    let status = tokio::spawn(triggers::status::run(Arc::clone(&node)));
+    let watcher = tokio::spawn(Arc::clone(&node).watch_registry());
+    ready.set_ready(true);
+    tracing::info!(node = %node.name, "runtime node ready");
+
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down: draining in-flight invocations"),
+        result = watcher => {
+            tracing::error!(?result, "registry watch ended");
+        }
+    }
+    ready.set_ready(false);
+    node.shutdown.cancel();
+    node.tasks.close();
+    if tokio::time::timeout(config.drain_timeout, node.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = node.tasks.len(),
+            "drain timeout: abandoning in-flight invocations (stream messages will be redelivered)"
+        );
+    }
+    invoke.abort();
+    status.abort();
+    let _ = node.bus.client().flush().await;
+    Ok(())
+}
+
+impl Node {
+    /// The version serving `name`, if any.
+    pub(crate) fn function(&self, name: &str) -> Option<Arc<Deployed>> {
+        self.functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    /// Every function served, with its version.
+    pub(crate) fn served(&self) -> Vec<Arc<Deployed>> {
+        let mut all: Vec<_> = self
+            .functions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    async fn watch_registry(self: Arc<Self>) -> Result<(), NodeError> {
+        let mut watch = self
+            .registry
+            .specs()
+            .watch_with_history(">")
+            .await
+            .map_err(|e| NodeError::Nats {
+                operation: "watch the function registry",
+                reason: e.to_string(),
+            })?;
+        while let Some(entry) = watch.next().await {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry watch error");
+                    continue;
+                }
+            };
+            match entry.operation {
+                kv::Operation::Put => match crate::registry::decode(&entry.key, &entry.value) {
+                    Ok(spec) => self.apply(spec).await,
+                    Err(e) => tracing::error!(error = %e, "ignoring corrupt function spec"),
+                },
+                kv::Operation::Delete | kv::Operation::Purge => self.remove(&entry.key),
+            }
+        }
+        Ok(())
+    }
+
+    /// Serve the active version of `spec` (a no-op when already served).
+    async fn apply(self: &Arc<Self>, spec: FunctionSpec) {
+        let span = tracing::info_span!("apply", function = %spec.name, version = spec.active);
+        async {
+            let name = match Token::new(spec.name.clone()) {
+                Ok(n) => n,
+                Err(e) => return tracing::error!(error = %e, "ignoring function with invalid name"),
+            };
+            let version = match spec.active_version() {
+                Ok(v) => v.clone(),
+                Err(e) => return tracing::error!(error = %e, "ignoring function spec"),
+            };
+            let current = self.function(name.as_str());
+            if current.as_ref().is_some_and(|c| c.spec == version) {
+                return;
+            }
+            let code = match self.load(&version.digest).await {
+                Ok(code) => code,
+                Err(e) => {
+                    return tracing::error!(error = %e, "cannot load function version; keeping the previous one");
+                }
+            };
+            let allow = match crate::capabilities::PublishAllowList::new(&version.publish) {
+                Ok(allow) => allow,
+                Err(e) => return tracing::error!(error = %e, "ignoring function version with an invalid allow-list"),
+            };
+            let limits = crate::limits::Limits {
+                timeout: version.limits.timeout(),
+                max_memory_bytes: usize::try_from(version.limits.memory_bytes).unwrap_or(usize::MAX),
+                ..crate::limits::Limits::default()
+            };
+            let deployed = Arc::new(Deployed {
+                name: name.clone(),
+                limiter: Arc::new(Semaphore::new(version.limits.max_concurrency.max(1) as usize)),
+                limits,
+                config: Arc::new(version.config.clone()),
+                allow,
+                spec: version,
+                code,
+            });
+            self.functions
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name.to_string(), Arc::clone(&deployed));
+            if let Some(old) = &current {
+                let _ = self
+                    .metrics
+                    .loaded
+                    .remove_label_values(&[name.as_str(), &old.spec.version.to_string()]);
+            }
+            self.metrics
+                .loaded
+                .with_label_values(&[name.as_str(), &deployed.spec.version.to_string()])
+                .set(1.0);
+            tracing::info!(version = deployed.spec.version, digest = %deployed.spec.digest, trigger = %deployed.spec.trigger, "serving");
+            self.ensure_trigger(&name, &deployed.spec.trigger);
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn remove(&self, name: &str) {
+        let removed = self
+            .functions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        if let Some(old) = removed {
+            let _ = self
+                .metrics
+                .loaded
+                .remove_label_values(&[name, &old.spec.version.to_string()]);
+        }
+        if let Some(t) = self
+            .triggers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
+        {
+            t.stop.cancel();
+        }
+        tracing::info!(function = name, "removed");
+    }
+
+    /// Start the trigger for `name`, replacing a different one.
+    fn ensure_trigger(self: &Arc<Self>, name: &Token, trigger: &Trigger) {
+        let mut running = self.triggers.lock().unwrap_or_else(PoisonError::into_inner);
+        if running
+            .get(name.as_str())
+            .is_some_and(|t| &t.trigger == trigger)
+        {
+            return;
+        }
+        if let Some(old) = running.remove(name.as_str()) {
+            old.stop.cancel();
+        }
+        let stop = self.shutdown.child_token();
+        triggers::start(
+            Arc::clone(self),
+            name.clone(),
+            trigger.clone(),
+            stop.clone(),
+        );
+        running.insert(
+            name.to_string(),
+            RunningTrigger {
+                trigger: trigger.clone(),
+                stop,
+            },
+        );
+    }
+
+    /// The compiled component for `digest`, from cache or the artifact store.
+    async fn load(&self, digest: &str) -> Result<FunctionCode, String> {
+        if let Some(code) = self
+            .code_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(digest)
+            .cloned()
+        {
+            return Ok(code);
+        }
+        let bytes = self
+            .registry
+            .get_artifact(digest)
+            .await
+            .map_err(|e| e.to_string())?;
+        let engine = self.engine.clone();
+        let code = tokio::task::spawn_blocking(move || engine.load(&bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.code_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(digest.to_owned(), code.clone());
+        Ok(code)
+    }
+
+    /// The KV bucket of function `name` (created by `fn deploy`), opened once.
+    pub(crate) async fn bucket(&self, name: &Token) -> Result<kv::Store, String> {
+        let bucket = crate::registry::function_bucket(name);
+        let mut buckets = self.buckets.lock().await;
+        if let Some(store) = buckets.get(&bucket) {
+            return Ok(store.clone());
+        }
+        let store = self
+            .bus
+            .jetstream()
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| format!("open bucket {bucket}: {e}"))?;
+        buckets.insert(bucket, store.clone());
+        Ok(store)
+    }
+
+    /// Run `f` on `event` (which arrived on `subject`) and account for it.
+    pub(crate) async fn invoke(
+        self: &Arc<Self>,
+        f: &Arc<Deployed>,
+        subject: &str,
+        event: CloudEvent,
+        deadline: Option<Deadline>,
+        trigger: &'static str,
+    ) -> Outcome {
+        let version = f.spec.version.to_string();
+        let span = tracing::info_span!(
+            "invoke",
+            otel.name = format!("invoke {}", f.name),
+            faas.name = %f.name,
+            faas.version = f.spec.version,
+            faas.trigger = trigger,
+            faas.invocation_id = %event.id,
+            patchbay.outcome = tracing::field::Empty,
+        );
+        let outcome = async {
+            let Ok(_permit) = f.limiter.acquire().await else {
+                return Outcome::Error(ErrorKind::Overloaded, "function is shutting down".into());
+            };
+            let inflight = self.metrics.inflight.with_label_values(&[f.name.as_str()]);
+            inflight.inc();
+            let outcome = crate::dispatch::run(self, f, subject, event, deadline).await;
+            inflight.dec();
+            outcome
+        }
+        .instrument(span.clone())
+        .await;
+        span.record("patchbay.outcome", outcome.label());
+        self.metrics
+            .invocations
+            .with_label_values(&[f.name.as_str(), &version, trigger, outcome.label()])
+            .inc();
+        outcome
+    }
+}

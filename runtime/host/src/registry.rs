@@ -1,0 +1,595 @@
+//! The function registry: specs in the `patchbay-functions` KV bucket, components in the
+//! `patchbay-artifacts` object store keyed by sha256.
+//!
+//! A [`FunctionSpec`] keeps every deployed version (with its trigger, allow-list, config
+//! and limits) and which one is active, so `rollback` needs no re-upload and every node
+//! resolves the same version. Writers update with revision compare-and-set, so two
+//! concurrent deploys cannot silently overwrite each other. Runtime nodes only read and
+//! watch; the CLI (admin identity) writes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use patchbay_bus::Token;
+use patchbay_bus::subject::is_valid_pattern;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use thiserror::Error;
+
+/// KV bucket holding one [`FunctionSpec`] per function name.
+pub const FUNCTIONS_BUCKET: &str = "patchbay-functions";
+/// Object store holding components by sha256 digest.
+pub const ARTIFACTS_BUCKET: &str = "patchbay-artifacts";
+/// Stream carrying schedule ticks (`patchbay.v1.fn.<name>.tick`), de-duplicated per tick.
+pub const TICKS_STREAM: &str = "PATCHBAY_TICKS";
+/// Stream holding dead letters.
+pub const DLQ_STREAM: &str = "PATCHBAY_DLQ";
+/// Stream holding function log records.
+pub const LOGS_STREAM: &str = "PATCHBAY_LOGS";
+
+/// The KV bucket that belongs to function `name`.
+#[must_use]
+pub fn function_bucket(name: &Token) -> String {
+    format!("patchbay-fn-{name}")
+}
+
+/// The durable consumer that feeds a function's `stream` or `schedule` trigger.
+#[must_use]
+pub fn consumer_name(name: &Token) -> String {
+    format!("fn-{name}")
+}
+
+/// The subject carrying schedule ticks of function `name` (stream PATCHBAY_TICKS).
+#[must_use]
+pub fn tick_subject(subjects: &patchbay_bus::Subjects, name: &Token) -> String {
+    subjects.full(&format!("patchbay.v1.fn.{name}.tick"))
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// The function does not exist.
+    #[error("unknown function {name:?}")]
+    UnknownFunction {
+        /// The name asked for.
+        name: String,
+    },
+    /// The version does not exist.
+    #[error("function {name:?} has no version {version}")]
+    UnknownVersion {
+        /// The function.
+        name: String,
+        /// The version asked for.
+        version: u32,
+    },
+    /// Nothing to roll back to.
+    #[error("function {name:?} has no version before {version} to roll back to")]
+    NothingToRollBack {
+        /// The function.
+        name: String,
+        /// Its active version.
+        version: u32,
+    },
+    /// Someone else changed the spec between our read and write.
+    #[error("function {name:?} changed concurrently; retry")]
+    Conflict {
+        /// The function.
+        name: String,
+    },
+    /// A spec is invalid.
+    #[error("invalid function spec: {0}")]
+    Invalid(String),
+    /// A stored spec could not be decoded.
+    #[error("stored spec of {name:?} is corrupt: {reason}")]
+    Corrupt {
+        /// The function.
+        name: String,
+        /// The decode error.
+        reason: String,
+    },
+    /// The artifact is missing or its bytes do not match its digest.
+    #[error("artifact {digest} is {problem}")]
+    Artifact {
+        /// The digest.
+        digest: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// NATS / JetStream failed.
+    #[error("{operation} failed: {reason}")]
+    Nats {
+        /// What was being done.
+        operation: &'static str,
+        /// The underlying message.
+        reason: String,
+    },
+}
+
+/// Result alias for registry operations.
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+fn nats(operation: &'static str) -> impl FnOnce(&dyn fmt::Display) -> RegistryError {
+    move |e| RegistryError::Nats {
+        operation,
+        reason: e.to_string(),
+    }
+}
+
+/// What makes a function run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Trigger {
+    /// Core NATS queue group on `subject` (may contain wildcards): at most once, lowest
+    /// latency; a message with a reply inbox gets the outputs as its reply.
+    Subject {
+        /// Subject or pattern, without the installation prefix.
+        subject: String,
+    },
+    /// Shared durable consumer on `stream` filtered to `subject`: at least once, acked
+    /// once, outputs de-duplicated, retries and dead letters handled by the runtime.
+    Stream {
+        /// The stream name.
+        stream: String,
+        /// Filter subject, without the installation prefix.
+        subject: String,
+    },
+    /// Cron schedule (with seconds), one run per tick across all nodes.
+    Schedule {
+        /// Cron expression, e.g. `*/5 * * * * *`.
+        cron: String,
+    },
+    /// Only direct invocation (`patchbay.v1.fn.<name>.invoke`); every function has it.
+    Invoke,
+}
+
+impl Trigger {
+    /// Parse the CLI form: `subject:<s>`, `stream:<stream>:<subject>`, `schedule:<cron>`,
+    /// `invoke`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let invalid = |why: &str| RegistryError::Invalid(format!("trigger {text:?}: {why}"));
+        let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
+        let trigger = match kind {
+            "subject" => Self::Subject {
+                subject: rest.to_owned(),
+            },
+            "stream" => {
+                let (stream, subject) = rest
+                    .split_once(':')
+                    .ok_or_else(|| invalid("expected stream:<stream>:<subject>"))?;
+                Self::Stream {
+                    stream: stream.to_owned(),
+                    subject: subject.to_owned(),
+                }
+            }
+            "schedule" => Self::Schedule {
+                cron: rest.to_owned(),
+            },
+            "invoke" if rest.is_empty() => Self::Invoke,
+            _ => {
+                return Err(invalid(
+                    "expected subject:<subject>, stream:<stream>:<subject>, schedule:<cron> or invoke",
+                ));
+            }
+        };
+        trigger.validate()?;
+        Ok(trigger)
+    }
+
+    /// Check the trigger's own fields.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |why: String| Err(RegistryError::Invalid(why));
+        match self {
+            Self::Subject { subject } | Self::Stream { subject, .. }
+                if !is_valid_pattern(subject) =>
+            {
+                invalid(format!("{subject:?} is not a valid subject"))
+            }
+            Self::Stream { stream, .. }
+                if stream.is_empty()
+                    || !stream
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+            {
+                invalid(format!("{stream:?} is not a valid stream name"))
+            }
+            Self::Schedule { cron } => crate::schedule::Schedule::parse(cron)
+                .map(|_| ())
+                .map_err(|e| RegistryError::Invalid(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Subject { subject } => write!(f, "subject:{subject}"),
+            Self::Stream { stream, subject } => write!(f, "stream:{stream}:{subject}"),
+            Self::Schedule { cron } => write!(f, "schedule:{cron}"),
+            Self::Invoke => f.write_str("invoke"),
+        }
+    }
+}
+
+/// Resource limits of one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wall-clock limit per invocation, milliseconds (epoch deadline).
+    pub timeout_ms: u64,
+    /// Linear memory cap per instance, bytes.
+    pub memory_bytes: u64,
+    /// Invocations in flight per node.
+    pub max_concurrency: u32,
+    /// Deliveries of one stream message before it is dead-lettered.
+    pub max_deliver: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 1_000,
+            memory_bytes: 64 << 20,
+            max_concurrency: 64,
+            max_deliver: 5,
+        }
+    }
+}
+
+impl Limits {
+    /// The timeout as a duration.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// One deployed version of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionSpec {
+    /// 1, 2, 3… in deploy order.
+    pub version: u32,
+    /// sha256 of the component, lower-case hex; the artifact's object name.
+    pub digest: String,
+    /// Component size in bytes.
+    pub size: u64,
+    /// When it was deployed (RFC 3339).
+    pub deployed_at: String,
+    /// What makes it run.
+    pub trigger: Trigger,
+    /// Subjects (patterns) the function may publish or request on.
+    pub publish: Vec<String>,
+    /// Configuration values, visible through the `config` import.
+    pub config: BTreeMap<String, String>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// A function and its versions, as stored under its name in [`FUNCTIONS_BUCKET`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// The function name (a subject token).
+    pub name: String,
+    /// The version serving traffic.
+    pub active: u32,
+    /// Every version deployed, oldest first.
+    pub versions: Vec<VersionSpec>,
+}
+
+impl FunctionSpec {
+    /// The active version.
+    pub fn active_version(&self) -> Result<&VersionSpec> {
+        self.version(self.active)
+    }
+
+    /// Version `version`.
+    pub fn version(&self, version: u32) -> Result<&VersionSpec> {
+        self.versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| RegistryError::UnknownVersion {
+                name: self.name.clone(),
+                version,
+            })
+    }
+
+    /// Add `version` (numbered after the newest) and make it active.
+    pub fn push(&mut self, mut version: VersionSpec) -> u32 {
+        let next = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        version.version = next;
+        self.versions.push(version);
+        self.active = next;
+        next
+    }
+
+    /// Make `to` active, or the version deployed before the active one.
+    pub fn rollback(&mut self, to: Option<u32>) -> Result<u32> {
+        let target = match to {
+            Some(v) => self.version(v)?.version,
+            None => self
+                .versions
+                .iter()
+                .map(|v| v.version)
+                .filter(|v| *v < self.active)
+                .max()
+                .ok_or_else(|| RegistryError::NothingToRollBack {
+                    name: self.name.clone(),
+                    version: self.active,
+                })?,
+        };
+        self.active = target;
+        Ok(target)
+    }
+}
+
+/// sha256 of `bytes` as lower-case hex.
+#[must_use]
+pub fn digest(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Read and write access to the registry over JetStream.
+#[derive(Clone)]
+pub struct Registry {
+    specs: kv::Store,
+    artifacts: jetstream::object_store::ObjectStore,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Open the registry buckets (created by the admin bootstrap).
+    pub async fn open(js: &jetstream::Context) -> Result<Self> {
+        let specs = js
+            .get_key_value(FUNCTIONS_BUCKET)
+            .await
+            .map_err(|e| nats("open the function registry")(&e))?;
+        let artifacts = js
+            .get_object_store(ARTIFACTS_BUCKET)
+            .await
+            .map_err(|e| nats("open the artifact store")(&e))?;
+        Ok(Self { specs, artifacts })
+    }
+
+    /// The spec store, for watching.
+    #[must_use]
+    pub fn specs(&self) -> &kv::Store {
+        &self.specs
+    }
+
+    /// The spec of `name` with its KV revision, if deployed.
+    pub async fn get(&self, name: &str) -> Result<Option<(FunctionSpec, u64)>> {
+        let entry = self
+            .specs
+            .entry(name)
+            .await
+            .map_err(|e| nats("read a function spec")(&e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(Some((decode(name, &e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Every deployed function, sorted by name.
+    pub async fn list(&self) -> Result<Vec<FunctionSpec>> {
+        let mut keys = self
+            .specs
+            .keys()
+            .await
+            .map_err(|e| nats("list functions")(&e))?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key.map_err(|e| nats("list functions")(&e))?);
+        }
+        names.sort();
+        let mut specs = Vec::new();
+        for name in names {
+            if let Some((spec, _)) = self.get(&name).await? {
+                specs.push(spec);
+            }
+        }
+        Ok(specs)
+    }
+
+    /// Read-modify-write `name` with compare-and-set on its revision; `change` gets the
+    /// current spec (or `None`) and returns the new one. Retries a few times on conflict.
+    pub async fn update<F>(&self, name: &str, mut change: F) -> Result<FunctionSpec>
+    where
+        F: FnMut(Option<FunctionSpec>) -> Result<FunctionSpec>,
+    {
+        for _ in 0..5 {
+            let current = self.get(name).await?;
+            let revision = current.as_ref().map(|(_, r)| *r);
+            let spec = change(current.map(|(s, _)| s))?;
+            let value = Bytes::from(
+                serde_json::to_vec(&spec).map_err(|e| RegistryError::Invalid(e.to_string()))?,
+            );
+            let written = match revision {
+                Some(r) => self
+                    .specs
+                    .update(name, value, r)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+                None => self
+                    .specs
+                    .create(name, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::CreateErrorKind::AlreadyExists,
+                            e.to_string(),
+                        )
+                    }),
+            };
+            match written {
+                Ok(()) => return Ok(spec),
+                Err((true, _)) => continue,
+                Err((false, reason)) => {
+                    return Err(RegistryError::Nats {
+                        operation: "write a function spec",
+                        reason,
+                    });
+                }
+            }
+        }
+        Err(RegistryError::Conflict {
+            name: name.to_owned(),
+        })
+    }
+
+    /// Remove `name` from the registry.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        if self.get(name).await?.is_none() {
+            return Err(RegistryError::UnknownFunction {
+                name: name.to_owned(),
+            });
+        }
+        self.specs
+            .delete(name)
+            .await
+            .map_err(|e| nats("delete a function spec")(&e))
+    }
+
+    /// Store `bytes` under their digest unless already present; returns the digest.
+    pub async fn put_artifact(&self, bytes: &[u8]) -> Result<String> {
+        let digest = digest(bytes);
+        if self.artifacts.info(&digest).await.is_ok() {
+            return Ok(digest);
+        }
+        let mut reader = bytes;
+        self.artifacts
+            .put(digest.as_str(), &mut reader)
+            .await
+            .map_err(|e| nats("upload the component")(&e))?;
+        Ok(digest)
+    }
+
+    /// The component with `digest`, checked against it.
+    pub async fn get_artifact(&self, digest: &str) -> Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt as _;
+        let mut object = self
+            .artifacts
+            .get(digest)
+            .await
+            .map_err(|e| RegistryError::Artifact {
+                digest: digest.to_owned(),
+                problem: format!("unavailable: {e}"),
+            })?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| nats("download the component")(&e))?;
+        if self::digest(&bytes) != digest {
+            return Err(RegistryError::Artifact {
+                digest: digest.to_owned(),
+                problem: "corrupt: its bytes do not match the digest".into(),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+/// Decode a stored spec.
+pub fn decode(name: &str, value: &[u8]) -> Result<FunctionSpec> {
+    serde_json::from_slice(value).map_err(|e| RegistryError::Corrupt {
+        name: name.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn version(trigger: &str) -> VersionSpec {
+        VersionSpec {
+            version: 0,
+            digest: digest(b"x"),
+            size: 1,
+            deployed_at: "2026-01-01T00:00:00Z".into(),
+            trigger: Trigger::parse(trigger).unwrap(),
+            publish: vec![],
+            config: BTreeMap::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn triggers_parse_from_their_cli_form_and_print_back() {
+        for text in [
+            "subject:cc.v1.calls.*.ended",
+            "stream:CC_RECORDINGS:cc.v1.recordings.*.completed",
+            "schedule:*/5 * * * * *",
+            "invoke",
+        ] {
+            assert_eq!(Trigger::parse(text).unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn malformed_triggers_are_refused_with_the_reason() {
+        for bad in [
+            "subject:",
+            "subject:a..b",
+            "stream:NOSUBJECT",
+            "stream:bad name:x",
+            "schedule:not cron",
+            "webhook:x",
+        ] {
+            assert!(Trigger::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn versions_are_numbered_in_order_and_rollback_steps_back() {
+        let mut spec = FunctionSpec {
+            name: "f".into(),
+            active: 0,
+            versions: vec![],
+        };
+        assert_eq!(spec.push(version("invoke")), 1);
+        assert_eq!(spec.push(version("invoke")), 2);
+        assert_eq!(spec.push(version("invoke")), 3);
+        assert_eq!(spec.rollback(None).unwrap(), 2);
+        assert_eq!(spec.rollback(None).unwrap(), 1);
+        assert!(matches!(
+            spec.rollback(None),
+            Err(RegistryError::NothingToRollBack { .. })
+        ));
+        assert_eq!(spec.rollback(Some(3)).unwrap(), 3);
+        assert!(matches!(
+            spec.rollback(Some(9)),
+            Err(RegistryError::UnknownVersion { version: 9, .. })
+        ));
+        // A deploy after a rollback gets a fresh number, never reusing one.
+        spec.rollback(Some(1)).unwrap();
+        assert_eq!(spec.push(version("invoke")), 4);
+    }
+
+    #[test]
+    fn digests_are_sha256_hex() {
+        assert_eq!(
+            digest(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

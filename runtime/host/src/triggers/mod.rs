@@ -1,0 +1,250 @@
+//! Triggers: what makes a function run. Every trigger has the same shape — a
+//! [`TriggerLoop`] with a `KIND` (the metrics label) and a `run` loop that takes messages
+//! until its stop token fires — and hands each message to the node's one invocation path.
+//!
+//! * [`subject`]: core NATS queue group, at most once, lowest latency.
+//! * [`stream`]: shared durable consumer, at least once, with retries and dead letters.
+//! * [`schedule`]: cron ticks de-duplicated through a stream, one run per tick cluster-wide.
+//! * [`invoke`]: `patchbay.v1.fn.<name>.invoke` request-reply, for every function.
+//! * [`status`]: not a trigger; answers `patchbay.v1.runtime.status` scatter-gather.
+
+pub(crate) mod invoke;
+pub(crate) mod schedule;
+pub(crate) mod status;
+pub(crate) mod stream;
+pub(crate) mod subject;
+
+use std::future::Future;
+use std::sync::{Arc, PoisonError};
+
+use async_nats::{HeaderMap, Message};
+use bytes::Bytes;
+use patchbay_bus::{CloudEvent, Deadline, Token};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::node::{Deployed, Node, Outcome};
+use crate::registry::Trigger;
+use crate::reply::{ErrorKind, InvokeReply, OUTCOME_HEADER, VERSION_HEADER};
+
+/// One kind of trigger.
+pub(crate) trait TriggerLoop: Send + 'static {
+    /// Label used in metrics and spans.
+    const KIND: &'static str;
+
+    /// Take messages until `stop` fires, then stop taking new ones and return.
+    fn run(
+        self,
+        node: Arc<Node>,
+        stop: CancellationToken,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+fn spawn<T: TriggerLoop>(node: Arc<Node>, function: Token, trigger: T, stop: CancellationToken) {
+    tokio::spawn(async move {
+        if let Err(e) = trigger.run(node, stop).await {
+            tracing::error!(function = %function, trigger = T::KIND, error = %e, "trigger stopped");
+        }
+    });
+}
+
+/// Start the trigger of `function`.
+pub(crate) fn start(node: Arc<Node>, function: Token, trigger: Trigger, stop: CancellationToken) {
+    let subjects = node.bus.subjects().clone();
+    match trigger {
+        Trigger::Subject { subject } => spawn(
+            node,
+            function.clone(),
+            subject::SubjectTrigger {
+                function,
+                subject: subjects.full(&subject),
+            },
+            stop,
+        ),
+        Trigger::Stream { stream, .. } => spawn(
+            node,
+            function.clone(),
+            stream::StreamTrigger {
+                function,
+                stream,
+                kind: "stream",
+            },
+            stop,
+        ),
+        Trigger::Schedule { cron } => spawn(
+            node,
+            function.clone(),
+            schedule::ScheduleTrigger { function, cron },
+            stop,
+        ),
+        // Direct invocation is served for every function by one shared subscription.
+        Trigger::Invoke => {}
+    }
+}
+
+/// Handle a core NATS message (subject trigger or direct invoke): run the function, then
+/// reply with the outcome if the sender asked for one, else publish the outputs.
+pub(crate) async fn handle_core(
+    node: Arc<Node>,
+    f: Arc<Deployed>,
+    msg: Message,
+    kind: &'static str,
+) {
+    let span = patchbay_bus::trace::process_span(&msg.subject, msg.headers.as_ref());
+    async move {
+        let event = match decode(&msg) {
+            Ok(decoded) => decoded,
+            Err(reason) => {
+                node.metrics
+                    .bad_input
+                    .with_label_values(&[f.name.as_str(), kind])
+                    .inc();
+                tracing::warn!(%reason, "refused malformed message");
+                if let Some(reply) = &msg.reply {
+                    let body = InvokeReply::Error {
+                        function: f.name.to_string(),
+                        version: Some(f.spec.version),
+                        kind: ErrorKind::BadInput,
+                        message: reason,
+                    };
+                    send_reply(&node, reply, &body).await;
+                }
+                return;
+            }
+        };
+        let (event, deadline) = event;
+        let outcome = node.invoke(&f, &msg.subject, event, deadline, kind).await;
+        match (&msg.reply, outcome) {
+            (Some(reply), outcome) => send_reply(&node, reply, &reply_body(&f, outcome)).await,
+            (None, Outcome::Ok(outputs)) => publish_core(&node, &outputs, deadline).await,
+            (None, Outcome::Failure(failure)) => {
+                tracing::info!(?failure, "function declined a fire-and-forget event")
+            }
+            (None, Outcome::Error(kind, message)) => {
+                tracing::warn!(?kind, %message, "invocation failed")
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The CloudEvent and deadline a message carries, or why it is unusable.
+pub(crate) fn decode(msg: &Message) -> Result<(CloudEvent, Option<Deadline>), String> {
+    let event = CloudEvent::from_message(msg.headers.as_ref(), &msg.payload)
+        .map_err(|e| format!("malformed event: {e}"))?;
+    let deadline = Deadline::from_headers(msg.headers.as_ref()).map_err(|e| e.to_string())?;
+    Ok((event, deadline))
+}
+
+/// The reply body for `outcome`.
+pub(crate) fn reply_body(f: &Deployed, outcome: Outcome) -> InvokeReply {
+    let function = f.name.to_string();
+    let version = f.spec.version;
+    match outcome {
+        Outcome::Ok(outputs) => InvokeReply::Ok {
+            function,
+            version,
+            outputs: outputs
+                .into_iter()
+                .map(|(subject, event)| {
+                    let mut json = event.to_structured();
+                    json["natssubject"] = subject.into();
+                    json
+                })
+                .collect(),
+        },
+        Outcome::Failure(failure) => InvokeReply::Failure {
+            function,
+            version,
+            failure,
+        },
+        Outcome::Error(kind, message) => InvokeReply::Error {
+            function,
+            version: Some(version),
+            kind,
+            message,
+        },
+    }
+}
+
+/// Send `body` to `reply`.
+pub(crate) async fn send_reply(node: &Node, reply: &async_nats::Subject, body: &InvokeReply) {
+    let mut headers = HeaderMap::new();
+    headers.insert(OUTCOME_HEADER, body.outcome());
+    if let Some(v) = body.version() {
+        headers.insert(VERSION_HEADER, v.to_string().as_str());
+    }
+    headers.insert("Content-Type", "application/json");
+    patchbay_bus::trace::inject_span(&tracing::Span::current(), &mut headers);
+    let payload = match serde_json::to_vec(body) {
+        Ok(p) => Bytes::from(p),
+        Err(e) => return tracing::error!(error = %e, "cannot encode reply"),
+    };
+    if let Err(e) = node
+        .bus
+        .client()
+        .publish_with_headers(reply.clone(), headers, payload)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot send reply");
+    }
+}
+
+/// Publish outputs with core NATS (at most once, like the trigger that produced them).
+pub(crate) async fn publish_core(
+    node: &Node,
+    outputs: &[(String, CloudEvent)],
+    deadline: Option<Deadline>,
+) {
+    for (subject, event) in outputs {
+        if let Err(e) = node.bus.publish(subject, event, deadline).await {
+            tracing::warn!(%subject, error = %e, "cannot publish output");
+        }
+    }
+}
+
+/// Publish outputs durably: into the stream that captures each subject with a
+/// `Nats-Msg-Id` derived from the input id and the output's index, so a redelivered input
+/// stores each output once. Subjects no stream captures fall back to core NATS.
+pub(crate) async fn publish_durable(
+    node: &Node,
+    input_id: &str,
+    outputs: &[(String, CloudEvent)],
+    deadline: Option<Deadline>,
+) -> Result<(), String> {
+    for (index, (subject, event)) in outputs.iter().enumerate() {
+        let is_core = node
+            .core_subjects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(subject);
+        if is_core {
+            node.bus
+                .publish(subject, event, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+            continue;
+        }
+        let msg_id = format!("{input_id}:{index}");
+        match node
+            .bus
+            .publish_durable_with_id(subject, event, &msg_id, deadline)
+            .await
+        {
+            Ok(_) => {}
+            Err(patchbay_bus::PublishError::NoStream { .. }) => {
+                node.core_subjects
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(subject.clone());
+                node.bus
+                    .publish(subject, event, deadline)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
