@@ -1,1 +1,389 @@
-//! harness
+//! The integration-test harness: a real nats-server with real mutual TLS and JetStream
+//! per test (free port, temporary state, certificates generated at run time), and the
+//! real Patchbay binaries from the target directory (`make test` builds them first).
+//!
+//! Nothing here is mocked: the server is the one `scripts/install-nats.sh` installs, the
+//! certificates come from `patchbay-cli`'s CA code, and components are the ones
+//! `scripts/build-wasm.sh` builds into `build/components/`. A missing prerequisite fails
+//! the test with the command that provides it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use patchbay_bus::{Bus, BusConfig};
+use patchbay_cli::certs::Identity;
+use patchbay_cli::local::{self, NatsPlan, NatsProcess, PreparedNats, StateDir};
+
+/// The repository root.
+#[must_use]
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// The nats-server binary: `PATCHBAY_NATS_SERVER`, else the project's own install.
+#[must_use]
+pub fn nats_server() -> PathBuf {
+    let path = std::env::var_os("PATCHBAY_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/venv/bin/nats-server"));
+    assert!(
+        path.is_file(),
+        "nats-server not found at {}: run `make test` (or scripts/install-nats.sh)",
+        path.display()
+    );
+    path
+}
+
+/// A Patchbay binary built in the same target directory as this test.
+#[must_use]
+pub fn binary(name: &str) -> PathBuf {
+    // The test executable lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `make test` (it builds the binaries first) or `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A component built by `scripts/build-wasm.sh`.
+#[must_use]
+pub fn component(name: &str) -> PathBuf {
+    let dir = std::env::var_os("PATCHBAY_COMPONENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("build/components"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "component {} not found: run `make wasm`",
+        path.display()
+    );
+    path
+}
+
+/// Parse `kind/name`.
+#[must_use]
+pub fn identity(text: &str) -> Identity {
+    text.parse()
+        .unwrap_or_else(|e| panic!("bad identity {text:?}: {e}"))
+}
+
+/// Poll `check` until it returns `Some`, at most `limit`; panics with `what` otherwise.
+/// Readiness polling, not a timing assertion.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running nats-server with TLS, JetStream and the bootstrapped assets, in a temporary
+/// state directory that also holds every identity's certificate.
+pub struct Stack {
+    pub nats: NatsProcess,
+    pub prepared: PreparedNats,
+    dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Start with the policy's identities (cli/admin, service/routing, service/agents,
+    /// runtime/node-1, runtime/node-2, gateway/gateway).
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Start with extra identities too (e.g. `runtime/node-3`).
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = NatsPlan {
+            state: StateDir(dir.path().to_owned()),
+            deploy_dir: repo_root().join("deploy"),
+            port: 0,
+            http_port: None,
+            extra_identities: extra.iter().map(|i| identity(i)).collect(),
+            subject_prefix: String::new(),
+        };
+        let prepared = local::prepare(&plan).unwrap();
+        let nats = local::start_nats(&nats_server(), &prepared).await.unwrap();
+        let stack = Self {
+            nats,
+            prepared,
+            dir,
+        };
+        let admin = stack.admin().await;
+        local::bootstrap(&admin, &stack.prepared.deploy_dir)
+            .await
+            .unwrap();
+        stack
+    }
+
+    /// The state directory (certificates, config, logs).
+    #[must_use]
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `tls://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.nats.url
+    }
+
+    /// Connection settings for `identity` (`kind/name`).
+    #[must_use]
+    pub fn bus_config(&self, identity_text: &str) -> BusConfig {
+        self.prepared
+            .bus_config(&self.nats.url, &identity(identity_text))
+    }
+
+    /// Connect as `identity`.
+    pub async fn connect(&self, identity_text: &str) -> Bus {
+        patchbay_bus::connect(&self.bus_config(identity_text))
+            .await
+            .unwrap_or_else(|e| panic!("{identity_text} cannot connect: {e}"))
+    }
+
+    /// Connect as `cli/admin`.
+    pub async fn admin(&self) -> Bus {
+        self.connect("cli/admin").await
+    }
+
+    /// The `PATCHBAY_NATS_*` variables for `identity`.
+    #[must_use]
+    pub fn env_for(&self, identity_text: &str) -> Vec<(String, String)> {
+        let files = self.prepared.state.identity(&identity(identity_text));
+        vec![
+            ("PATCHBAY_NATS_URL".into(), self.nats.url.clone()),
+            (
+                "PATCHBAY_NATS_CA".into(),
+                self.prepared.state.ca().display().to_string(),
+            ),
+            (
+                "PATCHBAY_NATS_CERT".into(),
+                files.cert.display().to_string(),
+            ),
+            ("PATCHBAY_NATS_KEY".into(), files.key.display().to_string()),
+            (
+                "PATCHBAY_STATE_DIR".into(),
+                self.dir.path().display().to_string(),
+            ),
+        ]
+    }
+
+    /// Start `patchbay-runtime` as `runtime/<node>`.
+    #[must_use]
+    pub fn spawn_runtime(&self, node: &str) -> Process {
+        let mut env = self.env_for(&format!("runtime/{node}"));
+        env.push(("PATCHBAY_NODE".into(), node.into()));
+        env.push(("PATCHBAY_DRAIN_TIMEOUT".into(), "5s".into()));
+        env.push(("PATCHBAY_LOG".into(), "info,patchbay_host=debug".into()));
+        Process::spawn(
+            &format!("runtime-{node}"),
+            &binary("patchbay-runtime"),
+            &[],
+            &env,
+            &self.prepared.state.logs(),
+        )
+    }
+
+    /// Run the `patchbay` CLI as `cli/admin` and wait for it.
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let mut cmd = Command::new(binary("patchbay"));
+        cmd.args(args).stdin(Stdio::null());
+        for (k, v) in self.env_for("cli/admin") {
+            cmd.env(k, v);
+        }
+        let output = cmd.output().expect("run patchbay");
+        CliOutput(output)
+    }
+
+    /// Deploy `component` as `name` with extra `patchbay fn deploy` flags, waiting until
+    /// a runtime node serves it; panics with the CLI's output if it fails.
+    #[must_use]
+    pub fn deploy(&self, component_name: &str, name: &str, flags: &[&str]) -> serde_json::Value {
+        let path = component(component_name);
+        let path = path.to_str().unwrap();
+        let mut args = vec!["fn", "deploy", path, "--name", name, "--json"];
+        args.extend_from_slice(flags);
+        let out = self.cli(&args).success();
+        let json: serde_json::Value = serde_json::from_str(out.stdout().trim())
+            .unwrap_or_else(|e| panic!("deploy printed no JSON ({e}): {out:?}"));
+        assert!(
+            json["nodes"].as_array().is_some_and(|n| !n.is_empty()),
+            "no runtime node serves {name}: {json}"
+        );
+        json
+    }
+}
+
+/// The output of a CLI run.
+pub struct CliOutput(pub Output);
+
+impl std::fmt::Debug for CliOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.0.status.code(),
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+impl CliOutput {
+    #[must_use]
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    #[must_use]
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.0.status.success()
+    }
+    /// Panic with the whole output unless the command succeeded.
+    #[must_use]
+    pub fn success(self) -> Self {
+        assert!(self.ok(), "patchbay failed: {self:?}");
+        self
+    }
+    /// Panic with the whole output unless the command failed.
+    #[must_use]
+    pub fn failure(self) -> Self {
+        assert!(!self.ok(), "patchbay unexpectedly succeeded: {self:?}");
+        self
+    }
+    /// stdout parsed as JSON.
+    #[must_use]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout().trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// A child process, killed on drop; its output goes to a log file that is printed when a
+/// test panics.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Spawn `program` with `args` and `env`, logging to `<log_dir>/<name>.log`.
+    #[must_use]
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Self {
+        std::fs::create_dir_all(log_dir).unwrap();
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    /// The process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it has logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `limit` for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self, limit: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        false
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// The next message on `sub`, waiting at most `limit`; panics naming `what` otherwise.
+pub async fn next_message(
+    sub: &mut async_nats::Subscriber,
+    limit: Duration,
+    what: &str,
+) -> async_nats::Message {
+    use futures::StreamExt as _;
+    match tokio::time::timeout(limit, sub.next()).await {
+        Ok(Some(msg)) => msg,
+        Ok(None) => panic!("subscription closed while waiting for {what}"),
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}

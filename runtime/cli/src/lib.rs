@@ -8,7 +8,11 @@
 //! * [`natsconf`] — the nats-server configuration (mTLS with `verify_and_map`, JetStream
 //!   with `sync_interval: always`, one user per identity);
 //! * [`streams`] — `deploy/streams.toml` and the idempotent admin bootstrap of the JetStream
-//!   streams, KV buckets, object stores and durable consumers.
+//!   streams, KV buckets, object stores and durable consumers;
+//! * [`local`] — the local stack (certificates, config, nats-server process, bootstrap)
+//!   shared by `patchbay up` and the integration-test harness;
+//! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
+//! * [`function`] — the `patchbay fn …` commands.
 //!
 //! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
@@ -18,6 +22,7 @@ pub mod certs;
 pub mod connection;
 pub mod envfile;
 pub mod function;
+pub mod local;
 pub mod natsconf;
 pub mod streams;
 
