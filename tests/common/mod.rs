@@ -196,10 +196,22 @@ impl Stack {
     /// Start `patchbay-runtime` as `runtime/<node>`.
     #[must_use]
     pub fn spawn_runtime(&self, node: &str) -> Process {
+        self.spawn_runtime_with_env(node, &[])
+    }
+
+    /// Start `patchbay-runtime` as `runtime/<node>` with `extra_env` set last (so it
+    /// overrides the defaults), e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[must_use]
+    pub fn spawn_runtime_with_env(&self, node: &str, extra_env: &[(&str, &str)]) -> Process {
         let mut env = self.env_for(&format!("runtime/{node}"));
         env.push(("PATCHBAY_NODE".into(), node.into()));
         env.push(("PATCHBAY_DRAIN_TIMEOUT".into(), "5s".into()));
         env.push(("PATCHBAY_LOG".into(), "info,patchbay_host=debug".into()));
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         Process::spawn(
             &format!("runtime-{node}"),
             &binary("patchbay-runtime"),
@@ -386,4 +398,36 @@ pub async fn next_message(
         Ok(None) => panic!("subscription closed while waiting for {what}"),
         Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
     }
+}
+
+/// Poll `patchbay.v1.runtime.status` until every node in `nodes` answers — and, when
+/// `function` is `Some((name, version))`, serves that version — at most `limit`; panics
+/// naming what was missing otherwise. Readiness polling, not a timing assertion.
+pub async fn wait_until_serving(
+    bus: &Bus,
+    nodes: &[&str],
+    function: Option<(&str, u32)>,
+    limit: Duration,
+) {
+    let what = match function {
+        Some((name, version)) => format!("{nodes:?} to serve {name} v{version}"),
+        None => format!("{nodes:?} to answer status requests"),
+    };
+    eventually(limit, &what, || async {
+        let statuses = patchbay_cli::function::node_statuses(bus, Duration::from_millis(300)).await;
+        nodes
+            .iter()
+            .all(|node| {
+                statuses.iter().any(|s| {
+                    s.node == *node
+                        && function.is_none_or(|(name, version)| {
+                            s.functions
+                                .iter()
+                                .any(|f| f.name == name && f.version == version)
+                        })
+                })
+            })
+            .then_some(())
+    })
+    .await;
 }

@@ -1,9 +1,10 @@
 //! `customer-lookup`: answers "who is calling?" for routing.
 //!
 //! Trigger: request-reply on `cc.v1.customers.lookup`. The runtime sends this function's
-//! outputs as the reply, so it returns exactly one event: subject `<trigger
-//! subject>.reply` (i.e. `cc.v1.customers.lookup.reply`), type `cc.customer.found.v1`,
-//! JSON data. Publish allow-list: `cc.v1.customers.lookup.reply`.
+//! outputs as the reply, so it returns exactly one event: subject
+//! `cc.v1.customers.lookup.reply` (fixed, so a direct `patchbay fn invoke` gets the same
+//! answer as a request on the trigger), type `cc.customer.found.v1`, JSON data. Publish
+//! allow-list: `cc.v1.customers.lookup.reply`.
 //!
 //! * type `cc.customer.lookup.v1` (or any other type): data `{ "phone": "+44 20 7946 0000" }`
 //!   → `{ "customer_id", "tier", "name", "language", "known": true }` from the kv entry
@@ -45,6 +46,9 @@ struct Upsert {
     #[serde(flatten)]
     customer: Customer,
 }
+
+/// Where replies are addressed (they travel as the reply to the request, not published).
+const REPLY_SUBJECT: &str = "cc.v1.customers.lookup.reply";
 
 /// The reply: a known customer or the defaults for an unknown caller.
 #[derive(Debug, PartialEq, Serialize)]
@@ -91,7 +95,7 @@ fn phone_key(phone: &str) -> Result<String, Failure> {
 }
 
 fn reply(e: &Event, body: &impl Serialize) -> Result<Vec<Event>, Failure> {
-    let subject = format!("{}.reply", e.subject);
+    let subject = REPLY_SUBJECT;
     Ok(vec![
         Event::new(subject, "cc.customer.found.v1")
             .follows(e)
@@ -153,7 +157,7 @@ mod tests {
     }
 
     #[test]
-    fn replies_on_the_trigger_subject_plus_reply() {
+    fn replies_on_the_fixed_reply_subject() {
         let e = Event::new("cc.v1.customers.lookup", "cc.customer.lookup.v1").with_id("q-1");
         let out = reply(&e, &Reply::unknown("gold".into(), "fr".into())).unwrap();
         assert_eq!(out.len(), 1);

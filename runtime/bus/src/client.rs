@@ -368,6 +368,11 @@ fn classify(err: &async_nats::ConnectError) -> ConnectErrorKind {
         _ if text.contains("tls required") || text.contains("not support tls") => {
             ConnectErrorKind::TlsNotOffered
         }
+        // A plain-text server answers our ClientHello with a protocol error in clear text,
+        // which rustls reports as a record of an invalid content type.
+        _ if text.contains("invalidcontenttype") || text.contains("corrupt message") => {
+            ConnectErrorKind::TlsNotOffered
+        }
         K::Tls => ConnectErrorKind::Handshake,
         _ if text.contains("alert")
             || text.contains("certificate")

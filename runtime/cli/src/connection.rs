@@ -16,13 +16,13 @@ pub struct ConnectionArgs {
     pub nats: Option<String>,
     /// CA certificate (PEM). Default: from `.patchbay/env`.
     #[arg(long = "nats-ca", env = envfile::NATS_CA, global = true)]
-    pub ca: Option<PathBuf>,
+    pub nats_ca: Option<PathBuf>,
     /// Client certificate (PEM). Default: the admin identity from `.patchbay/env`.
     #[arg(long = "nats-cert", env = envfile::NATS_CERT, global = true)]
-    pub cert: Option<PathBuf>,
+    pub nats_cert: Option<PathBuf>,
     /// Client key (PEM). Default: the admin identity from `.patchbay/env`.
     #[arg(long = "nats-key", env = envfile::NATS_KEY, global = true)]
-    pub key: Option<PathBuf>,
+    pub nats_key: Option<PathBuf>,
     /// Prefix prepended to application subjects.
     #[arg(
         long = "subject-prefix",
@@ -67,9 +67,9 @@ impl ConnectionArgs {
         };
         let mut config = BusConfig::new(
             "",
-            pick(&self.ca, envfile::NATS_CA)?,
-            pick(&self.cert, envfile::NATS_CERT)?,
-            pick(&self.key, envfile::NATS_KEY)?,
+            pick(&self.nats_ca, envfile::NATS_CA)?,
+            pick(&self.nats_cert, envfile::NATS_CERT)?,
+            pick(&self.nats_key, envfile::NATS_KEY)?,
         )
         .name("patchbay-cli")
         .subjects(Subjects::new(self.subject_prefix.clone()).context("invalid subject prefix")?);

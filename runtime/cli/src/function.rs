@@ -1,5 +1,5 @@
 //! `patchbay fn …`: deploy, inspect, invoke, roll back and remove functions, read their
-//! logs and dead letters. Every command takes `--json` for scripting.
+//! logs, dead letters and KV state. Every command takes `--json` for scripting.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -76,6 +76,33 @@ pub enum FnCommand {
     /// Dead letters: list, show, replay.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// A function's KV state (bucket `patchbay-fn-<name>`), read-only.
+    #[command(subcommand)]
+    Kv(KvCommand),
+}
+
+/// `patchbay fn kv` subcommands. Read-only on purpose: the state belongs to the function,
+/// and an operator who must change it can still use any NATS KV tool as admin.
+#[derive(Debug, clap::Subcommand)]
+pub enum KvCommand {
+    /// Print the value of one key (raw bytes; with --json, an object with the revision).
+    Get {
+        /// Function name.
+        name: String,
+        /// The key.
+        key: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the keys, sorted.
+    Ls {
+        /// Function name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `patchbay fn deploy` flags.
@@ -127,8 +154,8 @@ pub struct InvokeArgs {
     #[arg(long = "type", default_value = "patchbay.invoke.v1")]
     pub ty: String,
     /// Interaction key (`partitionkey`).
-    #[arg(long)]
-    pub key: Option<String>,
+    #[arg(long = "key")]
+    pub partition_key: Option<String>,
     /// How long to wait for the reply.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -190,6 +217,7 @@ pub async fn run(command: FnCommand, bus: Bus) -> anyhow::Result<()> {
         FnCommand::Rollback { name, to, json } => rollback(&bus, &registry, &name, to, json).await,
         FnCommand::Rm { name, purge } => rm(&bus, &registry, &name, purge).await,
         FnCommand::Dlq(cmd) => dlq_command(&bus, cmd).await,
+        FnCommand::Kv(cmd) => kv_command(&bus, cmd).await,
     }
 }
 
@@ -274,6 +302,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         config: args.config.into_iter().collect::<BTreeMap<_, _>>(),
         limits,
     };
+    let mut unchanged = false;
     let spec = registry
         .update(name.as_str(), |current| {
             let mut spec = current.unwrap_or_else(|| FunctionSpec {
@@ -281,7 +310,18 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
                 active: 0,
                 versions: vec![],
             });
-            spec.push(version.clone());
+            // Deploying exactly what is active (same component, trigger, allow-list,
+            // config and limits) is a no-op, so scripts like `patchbay up` can re-run.
+            unchanged = spec.active_version().is_ok_and(|active| {
+                VersionSpec {
+                    version: active.version,
+                    deployed_at: active.deployed_at.clone(),
+                    ..version.clone()
+                } == *active
+            });
+            if !unchanged {
+                spec.push(version.clone());
+            }
             Ok(spec)
         })
         .await?;
@@ -294,7 +334,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         println!(
             "{}",
             json!({ "name": name.as_str(), "version": spec.active, "digest": digest,
-                    "trigger": trigger.to_string(), "nodes": serving })
+                    "trigger": trigger.to_string(), "nodes": serving, "unchanged": unchanged })
         );
     } else {
         println!(
@@ -506,7 +546,7 @@ async fn invoke(bus: &Bus, args: InvokeArgs) -> anyhow::Result<()> {
         "application/octet-stream"
     };
     let mut event = CloudEvent::new("/patchbay/cli", args.ty).data(content_type, data);
-    if let Some(key) = args.key {
+    if let Some(key) = args.partition_key {
         event = event.partition_key(key);
     }
     let reply = bus
@@ -820,6 +860,71 @@ async fn dlq_command(bus: &Bus, command: DlqCommand) -> anyhow::Result<()> {
                     format!("replayed {seq} but could not remove it from the DLQ")
                 })?;
                 println!("replayed {seq} to {subject}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The KV bucket of function `name`, which `fn deploy` creates.
+async fn function_store(bus: &Bus, name: &Token) -> anyhow::Result<kv::Store> {
+    let bucket = registry::function_bucket(name);
+    bus.jetstream()
+        .get_key_value(&bucket)
+        .await
+        .with_context(|| format!("function {name} has no KV bucket {bucket} (is it deployed?)"))
+}
+
+async fn kv_command(bus: &Bus, command: KvCommand) -> anyhow::Result<()> {
+    match command {
+        KvCommand::Get { name, key, json } => {
+            let name = token(&name)?;
+            let store = function_store(bus, &name).await?;
+            let entry = store
+                .entry(key.as_str())
+                .await
+                .with_context(|| format!("failed to read key {key:?} of function {name}"))?
+                .filter(|e| e.operation == kv::Operation::Put)
+                .with_context(|| format!("function {name} has no key {key:?}"))?;
+            if json {
+                // Text stays readable; anything else is hex so no byte is lost.
+                let value = match std::str::from_utf8(&entry.value) {
+                    Ok(text) => json!({ "value": text }),
+                    Err(_) => json!({ "value_hex": hex::encode(&entry.value) }),
+                };
+                let mut row = json!({ "function": name.as_str(), "key": key,
+                                      "revision": entry.revision, "bytes": entry.value.len() });
+                if let (Some(row), Some(value)) = (row.as_object_mut(), value.as_object()) {
+                    row.extend(value.clone());
+                }
+                println!("{row}");
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&entry.value)?;
+                if !entry.value.ends_with(b"\n") {
+                    writeln!(out)?;
+                }
+                out.flush()?;
+            }
+        }
+        KvCommand::Ls { name, json } => {
+            use futures::TryStreamExt as _;
+            let name = token(&name)?;
+            let store = function_store(bus, &name).await?;
+            let mut keys: Vec<String> = store
+                .keys()
+                .await
+                .with_context(|| format!("failed to list the keys of function {name}"))?
+                .try_collect()
+                .await
+                .with_context(|| format!("failed to list the keys of function {name}"))?;
+            keys.sort();
+            if json {
+                println!("{}", json!(keys));
+            } else {
+                for key in keys {
+                    println!("{key}");
+                }
             }
         }
     }

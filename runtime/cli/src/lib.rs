@@ -12,12 +12,14 @@
 //! * [`local`] — the local stack (certificates, config, nats-server process, bootstrap)
 //!   shared by `patchbay up` and the integration-test harness;
 //! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
-//! * [`function`] — the `patchbay fn …` commands.
+//! * [`function`] — the `patchbay fn …` commands; [`up`] — `patchbay up`; [`bench`] —
+//!   `patchbay bench`.
 //!
 //! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
 
 pub mod access;
+pub mod bench;
 pub mod certs;
 pub mod connection;
 pub mod envfile;
@@ -25,6 +27,7 @@ pub mod function;
 pub mod local;
 pub mod natsconf;
 pub mod streams;
+pub mod up;
 
 #[cfg(test)]
 mod test_nats;

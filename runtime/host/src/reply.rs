@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub const OUTCOME_HEADER: &str = "patchbay-outcome";
 /// Header naming the function version that handled the message.
 pub const VERSION_HEADER: &str = "patchbay-fn-version";
+/// Header naming the runtime node that handled the message, so a caller (or an operator
+/// reading a trace-less reply) can tell which node of a shared queue group answered.
+pub const NODE_HEADER: &str = "patchbay-node";
 
 /// What the handler decided, when it decided something.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

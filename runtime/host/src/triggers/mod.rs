@@ -25,7 +25,7 @@ use tracing::Instrument as _;
 
 use crate::node::{Deployed, Node, Outcome};
 use crate::registry::Trigger;
-use crate::reply::{ErrorKind, InvokeReply, OUTCOME_HEADER, VERSION_HEADER};
+use crate::reply::{ErrorKind, InvokeReply, NODE_HEADER, OUTCOME_HEADER, VERSION_HEADER};
 
 /// One kind of trigger.
 pub(crate) trait TriggerLoop: Send + 'static {
@@ -175,6 +175,7 @@ pub(crate) async fn send_reply(node: &Node, reply: &async_nats::Subject, body: &
     if let Some(v) = body.version() {
         headers.insert(VERSION_HEADER, v.to_string().as_str());
     }
+    headers.insert(NODE_HEADER, node.name.as_str());
     headers.insert("Content-Type", "application/json");
     patchbay_bus::trace::inject_span(&tracing::Span::current(), &mut headers);
     let payload = match serde_json::to_vec(body) {

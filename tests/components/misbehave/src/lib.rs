@@ -72,6 +72,9 @@ impl Guest for Misbehave {
             }
             "request" => request(e),
             "fanout" => fanout(e),
+            // A schedule tick: one output carrying the tick's id, so a test can count the
+            // runs of each tick across nodes.
+            "patchbay.schedule.tick.v1" => Ok(vec![output(e)]),
             other => Err(Failure::DeadLetter(format!(
                 "unknown misbehave type {other:?}"
             ))),

@@ -1,0 +1,391 @@
+//! `patchbay bench`: throughput and latency of a function on a `subject` trigger beside a
+//! native async-nats echo responder, measured in the same run, on the same nats-server,
+//! with mutual TLS and the same tokio flavour on both sides — plus the engine's median
+//! instantiate+call time. Rounds alternate (native, function, native, …) and the median
+//! round is reported, because this hardware varies ±15–20 % run to run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use patchbay_bus::{BusConfig, CloudEvent};
+
+use crate::certs::Identity;
+use crate::function::{DeployArgs, FnCommand};
+use crate::local::{self, NatsPlan, StateDir};
+
+/// `patchbay bench` flags.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The nats-server binary.
+    #[arg(
+        long,
+        env = "PATCHBAY_NATS_SERVER",
+        default_value = ".tools/venv/bin/nats-server"
+    )]
+    pub nats_server: PathBuf,
+    /// Directory with the `echo` component.
+    #[arg(long, env = "PATCHBAY_COMPONENTS", default_value = "build/components")]
+    pub components: PathBuf,
+    /// Directory with `access.toml` and `streams.toml`.
+    #[arg(long, default_value = "deploy")]
+    pub deploy_dir: PathBuf,
+    /// Concurrent requesters.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Length of each measured round.
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Rounds per side (the median round is reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Payload bytes per request.
+    #[arg(long, default_value_t = 128)]
+    pub payload: usize,
+    /// Tokio flavour of the responders and the load generator: `current` or `multi`.
+    #[arg(long, default_value = "current", value_parser = ["current", "multi"])]
+    pub flavour: String,
+    /// Instantiate+call iterations for the engine micro-benchmark.
+    #[arg(long, default_value_t = 20_000)]
+    pub iterations: usize,
+}
+
+/// One measured round.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    rps: f64,
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    errors: u64,
+}
+
+fn runtime(flavour: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    let rt = if flavour == "multi" {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    rt.context("cannot build a tokio runtime")
+}
+
+/// Run `future` on its own thread with its own runtime of `flavour`.
+fn spawn_on_own_runtime<F>(
+    flavour: &str,
+    name: &str,
+    future: F,
+) -> anyhow::Result<std::thread::JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = runtime(flavour)?;
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || rt.block_on(future))
+        .context("cannot start a thread")
+}
+
+/// The native baseline: echo every request's payload and headers back.
+async fn native_echo(
+    config: BusConfig,
+    subject: String,
+    stop: Arc<AtomicBool>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let Ok(bus) = patchbay_bus::connect(&config).await else {
+        return;
+    };
+    let client = bus.client().clone();
+    let Ok(mut sub) = client.queue_subscribe(subject, "bench".into()).await else {
+        return;
+    };
+    let _ = client.flush().await;
+    let _ = ready.send(());
+    while let Some(msg) = sub.next().await {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Some(reply) = msg.reply {
+            let headers = msg.headers.unwrap_or_default();
+            let _ = client
+                .publish_with_headers(reply, headers, msg.payload)
+                .await;
+        }
+    }
+}
+
+/// `concurrency` requesters sending CloudEvents to `subject` for `duration`.
+async fn load(
+    config: BusConfig,
+    subject: String,
+    concurrency: usize,
+    duration: Duration,
+    payload: usize,
+) -> anyhow::Result<Round> {
+    let bus = patchbay_bus::connect(&config).await?;
+    let client = bus.client().clone();
+    let event = CloudEvent::new("/patchbay/bench", "bench.echo.v1")
+        .data("application/octet-stream", vec![b'x'; payload]);
+    let headers = event.to_headers();
+    let body = Bytes::from(vec![b'x'; payload]);
+    // Warm up: connections, subscriptions, the instance pool.
+    for _ in 0..200 {
+        let _ = client
+            .request_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await;
+    }
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, subject, headers, body) = (
+            client.clone(),
+            subject.clone(),
+            headers.clone(),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(16 * 1024);
+            let mut errors = 0u64;
+            // Bounded by time and by count.
+            for _ in 0..10_000_000u64 {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                match client
+                    .request_with_headers(subject.clone(), headers.clone(), body.clone())
+                    .await
+                {
+                    Ok(_) => latencies.push(now.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(Round {
+        rps: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.50),
+        p90: pct(0.90),
+        p99: pct(0.99),
+        errors,
+    })
+}
+
+fn median_round(mut rounds: Vec<Round>) -> Round {
+    rounds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    rounds[rounds.len() / 2]
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// Run the benchmark and print the table.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this is a debug build; figures are only meaningful from `make bench` (release)"
+        );
+    }
+    let echo = args.components.join("echo.wasm");
+    if !echo.is_file() {
+        bail!("{} not found: run `make wasm`", echo.display());
+    }
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let plan = NatsPlan {
+        state: StateDir(dir.path().to_owned()),
+        deploy_dir: args.deploy_dir.clone(),
+        port: 0,
+        http_port: None,
+        extra_identities: vec![],
+        subject_prefix: String::new(),
+    };
+    let prepared = local::prepare(&plan)?;
+    let nats = local::start_nats(&args.nats_server, &prepared).await?;
+    let admin = patchbay_bus::connect(&prepared.bus_config(&nats.url, &Identity::admin())).await?;
+    local::bootstrap(&admin, &args.deploy_dir).await?;
+    let id = |s: &str| s.parse::<Identity>().context("identity");
+    // Both responders are runtime identities: same permissions, same TLS.
+    let native_config = prepared.bus_config(&nats.url, &id("runtime/node-2")?);
+    let node_config = prepared.bus_config(&nats.url, &id("runtime/node-1")?);
+    let load_config = prepared
+        .bus_config(&nats.url, &id("gateway/gateway")?)
+        .name("bench-load");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let native_subject = "cc.v1.bench.native".to_owned();
+    let function_subject = "cc.v1.bench.function".to_owned();
+    let _native = spawn_on_own_runtime(
+        &args.flavour,
+        "native-echo",
+        native_echo(
+            native_config,
+            native_subject.clone(),
+            Arc::clone(&stop),
+            ready_tx,
+        ),
+    )?;
+    ready_rx.await.context("native responder failed to start")?;
+
+    let metrics = patchbay_telemetry::Metrics::new();
+    let health = patchbay_telemetry::Health::new();
+    let ready = health.register("registry");
+    let node = patchbay_host::NodeConfig {
+        node: "node-1".into(),
+        bus: node_config,
+        engine: patchbay_host::EngineConfig::default(),
+        drain_timeout: Duration::from_secs(2),
+    };
+    let node_stop = Arc::new(tokio::sync::Notify::new());
+    let node_stop_wait = Arc::clone(&node_stop);
+    let _node = spawn_on_own_runtime(&args.flavour, "runtime-node", async move {
+        let shutdown = async move { node_stop_wait.notified().await };
+        if let Err(e) = patchbay_host::run(node, &metrics, ready, shutdown).await {
+            eprintln!("runtime node failed: {e}");
+        }
+    })?;
+    crate::function::run(
+        FnCommand::Deploy(DeployArgs {
+            file: echo.clone(),
+            name: "bench-echo".into(),
+            trigger: format!("subject:{function_subject}"),
+            publish: vec!["cc.v1.bench.>".into()],
+            config: vec![],
+            max_deliver: 1,
+            timeout: Duration::from_secs(1),
+            memory_mib: 16,
+            concurrency: 1024,
+            wait: Duration::from_secs(30),
+            json: true,
+        }),
+        admin.clone(),
+    )
+    .await?;
+
+    println!(
+        "patchbay bench: {} concurrent requesters, {}-byte CloudEvents, mTLS on every connection, \
+         tokio {} on both sides, {} rounds × {:?}",
+        args.concurrency, args.payload, args.flavour, args.rounds, args.duration
+    );
+    let mut native_rounds = Vec::new();
+    let mut function_rounds = Vec::new();
+    for round in 0..args.rounds {
+        for (subject, rounds) in [
+            (&native_subject, &mut native_rounds),
+            (&function_subject, &mut function_rounds),
+        ] {
+            let (config, target, c, d, p) = (
+                load_config.clone(),
+                subject.clone(),
+                args.concurrency,
+                args.duration,
+                args.payload,
+            );
+            let result = tokio::task::spawn_blocking(move || {
+                runtime("current")?.block_on(load(config, target, c, d, p))
+            })
+            .await??;
+            eprintln!(
+                "  round {} {:<28} {:>9.0} req/s  p50 {}",
+                round + 1,
+                subject,
+                result.rps,
+                micros(result.p50)
+            );
+            rounds.push(result);
+        }
+    }
+    let native = median_round(native_rounds);
+    let function = median_round(function_rounds);
+
+    // The engine alone: instantiate + call of the same component, one core, no bus.
+    let engine = patchbay_host::Engine::new(patchbay_host::EngineConfig::default())?;
+    let code = engine.load(&std::fs::read(&echo)?)?;
+    let event = patchbay_host::Event {
+        id: "bench".into(),
+        source: "/bench".into(),
+        type_: "bench.echo.v1".into(),
+        subject: "cc.v1.bench.function".into(),
+        time: None,
+        content_type: Some("application/octet-stream".into()),
+        data: vec![b'x'; args.payload],
+        extensions: vec![],
+    };
+    let invocation =
+        patchbay_host::Invocation::new(Arc::new(patchbay_host::MemoryCapabilities::new()))
+            .allow_publish(patchbay_host::PublishAllowList::new(["cc.v1.bench.>"])?);
+    let _ =
+        patchbay_host::engine::bench_instantiate_call(&engine, &code, &event, &invocation, 1000)
+            .await;
+    let mut timings = patchbay_host::engine::bench_instantiate_call(
+        &engine,
+        &code,
+        &event,
+        &invocation,
+        args.iterations,
+    )
+    .await;
+    timings.sort_unstable();
+    let median = timings[timings.len() / 2];
+
+    println!();
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "", "req/s", "p50", "p90", "p99", "errors"
+    );
+    for (name, r) in [
+        ("native async-nats echo (baseline)", native),
+        ("function `echo`, subject trigger", function),
+    ] {
+        println!(
+            "{:<34} {:>10.0} {:>9} {:>9} {:>9} {:>7}",
+            name,
+            r.rps,
+            micros(r.p50),
+            micros(r.p90),
+            micros(r.p99),
+            r.errors
+        );
+    }
+    let added = function.p50.saturating_sub(native.p50);
+    println!();
+    println!(
+        "throughput ratio {:.2}× (target ≥ 0.70×)   added p50 {} (target ≤ 50 µs)",
+        function.rps / native.rps,
+        micros(added)
+    );
+    println!(
+        "instantiate+call median {:.2} µs over {} iterations (target ≤ 6 µs; engine alone, no bus)",
+        median.as_secs_f64() * 1e6,
+        args.iterations
+    );
+    stop.store(true, Ordering::Relaxed);
+    node_stop.notify_one();
+    drop(nats);
+    Ok(())
+}

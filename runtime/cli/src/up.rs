@@ -1,0 +1,273 @@
+//! `patchbay up`: the whole system on this machine — nats-server with mTLS and
+//! JetStream, the bootstrap, runtime nodes and the example functions — until Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::certs::Identity;
+use crate::envfile::{self, EnvFile};
+use crate::function::{DeployArgs, FnCommand};
+use crate::local::{self, NatsPlan, StateDir};
+
+/// `patchbay up` flags.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Use this existing NATS (whose server trusts the state directory's CA) instead of
+    /// starting one.
+    #[arg(long = "existing-nats", env = "PATCHBAY_EXISTING_NATS")]
+    pub existing_nats: Option<String>,
+    /// The nats-server binary to start.
+    #[arg(
+        long,
+        env = "PATCHBAY_NATS_SERVER",
+        default_value = ".tools/venv/bin/nats-server"
+    )]
+    pub nats_server: PathBuf,
+    /// Client port of the local nats-server.
+    #[arg(long, default_value_t = crate::natsconf::DEFAULT_PORT)]
+    pub port: u16,
+    /// Monitoring port of the local nats-server (127.0.0.1).
+    #[arg(long, default_value_t = crate::natsconf::DEFAULT_HTTP_PORT)]
+    pub http_port: u16,
+    /// Runtime nodes to start.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u16,
+    /// First admin (metrics) port; node i listens on this + i - 1.
+    #[arg(long, default_value_t = 9464)]
+    pub admin_port: u16,
+    /// Directory with `access.toml` and `streams.toml`.
+    #[arg(long, default_value = "deploy")]
+    pub deploy_dir: PathBuf,
+    /// Directory with the example components (`make wasm` builds them).
+    #[arg(long, env = "PATCHBAY_COMPONENTS", default_value = "build/components")]
+    pub components: PathBuf,
+    /// Start everything, deploy, print, then stop everything and exit (a smoke test).
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+struct Supervised {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop in 5 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary installed next to the running `patchbay`.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the patchbay binary")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found next to {}: build the workspace (`make build`)",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The example functions `up` deploys: component, name, trigger, publish list, config.
+const EXAMPLES: &[(&str, &str, &str, &[&str], &[&str])] = &[
+    (
+        "customer-lookup",
+        "customer-lookup",
+        "subject:cc.v1.customers.lookup",
+        &["cc.v1.customers.lookup.reply"],
+        &["default_tier=standard"],
+    ),
+    (
+        "recording-index",
+        "recording-index",
+        "stream:CC_RECORDINGS:cc.v1.recordings.*.completed",
+        &["cc.v1.recordings.*.indexed"],
+        &[],
+    ),
+    (
+        "survey-scheduler",
+        "survey-scheduler",
+        "stream:CC_CALLS:cc.v1.calls.*.ended",
+        &["cc.v1.surveys.*.scheduled"],
+        &["delay_minutes=30", "min_duration_s=20"],
+    ),
+    (
+        "call-analytics",
+        "call-analytics",
+        "stream:CC_CALLS:cc.v1.calls.>",
+        &[],
+        &[],
+    ),
+];
+
+/// Run `patchbay up`.
+pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let state = StateDir(state_dir.to_owned());
+    let nodes: Vec<Identity> = (1..=args.nodes.max(1))
+        .map(|i| Identity::new("runtime", &format!("node-{i}")))
+        .collect::<Result<_, _>>()?;
+    let plan = NatsPlan {
+        state: state.clone(),
+        deploy_dir: args.deploy_dir.clone(),
+        port: args.port,
+        http_port: Some(args.http_port),
+        extra_identities: nodes.clone(),
+        subject_prefix: String::new(),
+    };
+    let prepared = local::prepare(&plan)?;
+    println!("certificates and config in {}", state_dir.display());
+
+    let mut nats_process = None;
+    let url = match &args.existing_nats {
+        Some(url) => url.clone(),
+        None => {
+            if !args.nats_server.is_file() {
+                bail!(
+                    "nats-server not found at {}: run `make up` (it installs one) or pass --nats-server",
+                    args.nats_server.display()
+                );
+            }
+            let process = local::start_nats(&args.nats_server, &prepared).await?;
+            let url = process.url.clone();
+            nats_process = Some(process);
+            url
+        }
+    };
+    let admin_files = state.identity(&Identity::admin());
+    let admin = patchbay_bus::connect(&prepared.bus_config(&url, &Identity::admin()))
+        .await
+        .context("the admin identity cannot connect")?;
+    let report = local::bootstrap(&admin, &args.deploy_dir).await?;
+    println!("JetStream assets: {report}");
+
+    let mut env = EnvFile::load(&state.env_file())?;
+    env.set(envfile::NATS_URL, &url);
+    env.set(envfile::NATS_CA, state.ca().display().to_string());
+    env.set(envfile::NATS_CERT, admin_files.cert.display().to_string());
+    env.set(envfile::NATS_KEY, admin_files.key.display().to_string());
+    env.save(&state.env_file())
+        .with_context(|| format!("cannot write {}", state.env_file().display()))?;
+
+    let runtime = sibling("patchbay-runtime")?;
+    std::fs::create_dir_all(state.logs())?;
+    let mut children = Vec::new();
+    let mut admin_urls = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let files = state.identity(node);
+        let log = state.logs().join(format!("runtime-{}.log", node.name()));
+        let out = std::fs::File::create(&log)?;
+        let admin_addr = format!("127.0.0.1:{}", args.admin_port + i as u16);
+        let child = Command::new(&runtime)
+            .env("PATCHBAY_NODE", node.name())
+            .env(envfile::NATS_URL, &url)
+            .env(envfile::NATS_CA, state.ca())
+            .env(envfile::NATS_CERT, &files.cert)
+            .env(envfile::NATS_KEY, &files.key)
+            .env("PATCHBAY_ADMIN_LISTEN", &admin_addr)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {}", runtime.display()))?;
+        admin_urls.push((node.name().to_owned(), admin_addr, log));
+        children.push(Supervised {
+            name: format!("runtime {}", node.name()),
+            child,
+        });
+    }
+
+    let mut deployed = Vec::new();
+    for (component, name, trigger, publish, config) in EXAMPLES {
+        let file = args.components.join(format!("{component}.wasm"));
+        if !file.is_file() {
+            println!(
+                "skipping {name}: {} not built (run `make wasm`)",
+                file.display()
+            );
+            continue;
+        }
+        let deploy = DeployArgs {
+            file,
+            name: (*name).to_owned(),
+            trigger: (*trigger).to_owned(),
+            publish: publish.iter().map(|s| (*s).to_owned()).collect(),
+            config: config
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            max_deliver: 5,
+            timeout: Duration::from_secs(1),
+            memory_mib: 64,
+            concurrency: 64,
+            wait: Duration::from_secs(30),
+            json: false,
+        };
+        crate::function::run(FnCommand::Deploy(deploy), admin.clone())
+            .await
+            .with_context(|| format!("failed to deploy example function {name}"))?;
+        deployed.push(*name);
+    }
+
+    println!();
+    println!("Patchbay is up.");
+    println!(
+        "  NATS            {url}  (mTLS; monitoring http://127.0.0.1:{})",
+        args.http_port
+    );
+    for (node, addr, log) in &admin_urls {
+        println!(
+            "  runtime {node:<7} http://{addr}/metrics  /healthz  /readyz   log {}",
+            log.display()
+        );
+    }
+    if let Some(p) = &nats_process {
+        println!("  nats-server log {}", p.log.display());
+    }
+    println!("  functions       {}", deployed.join(", "));
+    println!(
+        "  env file        {}  (source it to use the admin identity)",
+        state.env_file().display()
+    );
+    println!();
+    println!("Try:");
+    println!("  source {}", state.env_file().display());
+    println!("  patchbay fn ls");
+    println!(
+        "  patchbay fn invoke customer-lookup --type cc.customer.lookup.v1 --data '{{\"phone\":\"+44 20 7946 0000\"}}'"
+    );
+    println!(
+        "  python3 -m pip install nats-py  # any NATS client works with the same certificates"
+    );
+    println!(
+        "Traces: set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 before `make up` to export to a collector."
+    );
+
+    if args.check {
+        return Ok(());
+    }
+    println!("\nCtrl-C stops everything.");
+    patchbay_telemetry::shutdown_signal().await;
+    println!("stopping…");
+    drop(children);
+    drop(nats_process);
+    Ok(())
+}

@@ -1,0 +1,466 @@
+//! The deny matrix: every example identity of `deploy/access.toml` against a live
+//! nats-server rendered from that same file.
+//!
+//! For each identity the policy's own [`Expectations`] say which subjects it must be able
+//! to publish and subscribe and which the server must refuse. The test proves both sides
+//! on the wire:
+//!
+//! * **refused** — the server reports `permissions violation for publish to "<subject>"`
+//!   (or `… for subscription to …`) on the connection's notices;
+//! * **allowed** — no such report, *and* the operation has its effect: an admin observer
+//!   subscribed to `>` receives the published message, and a probe the admin publishes on
+//!   the subscribed subject reaches the identity's subscription.
+//!
+//! async-nats's `flush` does not wait for the server, so "no violation" is only meaningful
+//! up to a barrier: after each chunk of operations the identity publishes a sentinel
+//! subject it may not publish, and the test waits for the sentinel's violation. The server
+//! answers one connection in order, so every violation for the chunk has arrived by then.
+//! Chunks are small because async-nats drops server errors when its event queue (128) is
+//! full. `cli/admin` may do everything, so it has no sentinel; its checks rest on the
+//! positive proofs alone.
+//!
+//! Every failure for every identity is collected and reported at once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use patchbay_bus::{Bus, BusNotice};
+use patchbay_cli::access::{AccessPolicy, Expectations};
+use patchbay_cli::certs::Identity;
+use patchbay_cli::streams::Declaration;
+use patchbay_tests::{Stack, repo_root};
+use tokio::sync::broadcast;
+
+/// Bound on each wait; nothing here waits without one.
+const LIMIT: Duration = Duration::from_secs(10);
+/// Operations between two sentinels (well under async-nats's 128-event queue).
+const CHUNK: usize = 16;
+
+fn policy() -> AccessPolicy {
+    AccessPolicy::load(&repo_root().join("deploy/access.toml")).expect("deploy/access.toml loads")
+}
+
+/// One check of the matrix.
+#[derive(Debug, Clone)]
+enum Op {
+    Publish { subject: String, allowed: bool },
+    Subscribe { subject: String, allowed: bool },
+}
+
+impl Op {
+    /// The violation text the server sends when it refuses this operation (lower case).
+    fn violation(&self) -> String {
+        match self {
+            Self::Publish { subject, .. } => {
+                format!(
+                    "permissions violation for publish to \"{}\"",
+                    subject.to_lowercase()
+                )
+            }
+            Self::Subscribe { subject, .. } => format!(
+                "permissions violation for subscription to \"{}\"",
+                subject.to_lowercase()
+            ),
+        }
+    }
+
+    fn allowed(&self) -> bool {
+        match self {
+            Self::Publish { allowed, .. } | Self::Subscribe { allowed, .. } => *allowed,
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, subject, allowed) = match self {
+            Self::Publish { subject, allowed } => ("publish", subject, allowed),
+            Self::Subscribe { subject, allowed } => ("subscribe", subject, allowed),
+        };
+        let expected = if *allowed { "allowed" } else { "refused" };
+        write!(f, "{what} {subject:?} (expected {expected})")
+    }
+}
+
+fn ops(e: &Expectations) -> Vec<Op> {
+    let publish = |list: &[String], allowed| {
+        list.iter()
+            .map(move |s| Op::Publish {
+                subject: s.clone(),
+                allowed,
+            })
+            .collect::<Vec<_>>()
+    };
+    let subscribe = |list: &[String], allowed| {
+        list.iter()
+            .map(move |s| Op::Subscribe {
+                subject: s.clone(),
+                allowed,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut out = publish(&e.publish_allowed, true);
+    out.extend(publish(&e.publish_refused, false));
+    out.extend(subscribe(&e.subscribe_allowed, true));
+    out.extend(subscribe(&e.subscribe_refused, false));
+    out
+}
+
+/// A literal subject matched by `pattern` (wildcards replaced by a probe token).
+fn literal(pattern: &str) -> String {
+    pattern
+        .split('.')
+        .map(|t| if t == "*" || t == ">" { "probe" } else { t })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Payload of the matrix's publish of `subject` by `who`, unique per check.
+fn marker(who: &Identity, subject: &str) -> String {
+    format!("deny-matrix {who} publish {subject}")
+}
+
+/// Wait for a notice containing `needle`, collecting every permission violation seen
+/// on the way (lower case). `None` when it does not come within [`LIMIT`].
+async fn until_notice(
+    notices: &mut broadcast::Receiver<BusNotice>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> Option<()> {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let notice = match tokio::time::timeout_at(deadline, notices.recv()).await {
+            Err(_) => return None,
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                seen.push(format!("<{n} notices lost: chunk too large>"));
+                continue;
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+            Ok(Ok(notice)) => notice.0.to_lowercase(),
+        };
+        let done = notice.contains(needle);
+        if notice.contains("permissions violation") {
+            seen.push(notice);
+        }
+        if done {
+            return Some(());
+        }
+    }
+}
+
+/// Run the matrix for one identity; returns what went wrong.
+async fn check_identity(
+    stack: &Stack,
+    observer: &Bus,
+    who: &Identity,
+    e: &Expectations,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let perms = policy().permissions_for(who).expect("identity has a group");
+    let is_admin = *who == Identity::admin();
+    let bus = stack.connect(&who.to_string()).await;
+    let mut notices = bus.notices();
+    // Everything this identity publishes, as the admin sees it.
+    let mut observed = observer.client().subscribe(">").await.unwrap();
+    barrier(observer).await;
+
+    let all = ops(e);
+    let mut seen: Vec<String> = Vec::new();
+    let mut subscriptions = Vec::new();
+    for (n, chunk) in all.chunks(CHUNK).enumerate() {
+        for op in chunk {
+            match op {
+                Op::Publish { subject, .. } => {
+                    if let Err(err) = bus
+                        .client()
+                        .publish(subject.clone(), marker(who, subject).into())
+                        .await
+                    {
+                        failures.push(format!("{who}: {op}: client refused to send: {err}"));
+                    }
+                }
+                Op::Subscribe { subject, allowed } => {
+                    match bus.client().subscribe(subject.clone()).await {
+                        Ok(sub) => {
+                            if *allowed {
+                                subscriptions.push((subject.clone(), sub));
+                            }
+                        }
+                        Err(err) => failures
+                            .push(format!("{who}: {op}: client refused to subscribe: {err}")),
+                    }
+                }
+            }
+        }
+        if is_admin {
+            continue;
+        }
+        let sentinel = format!("patchbay-tests.sentinel.{n}");
+        if perms.allows_publish(&sentinel) {
+            failures.push(format!(
+                "{who}: the policy allows the sentinel {sentinel:?}; the matrix cannot tell allowed from unanswered"
+            ));
+            return failures;
+        }
+        bus.client()
+            .publish(sentinel.clone(), "sentinel".into())
+            .await
+            .unwrap();
+        let needle = format!("publish to \"{sentinel}\"");
+        if until_notice(&mut notices, &needle, &mut seen)
+            .await
+            .is_none()
+        {
+            failures.push(format!(
+                "{who}: no violation for the sentinel {sentinel:?} within {LIMIT:?} (is the server enforcing permissions at all?)"
+            ));
+            return failures;
+        }
+    }
+    if is_admin {
+        barrier(&bus).await;
+        while let Ok(notice) = notices.try_recv() {
+            let notice = notice.0.to_lowercase();
+            if notice.contains("permissions violation") {
+                seen.push(notice);
+            }
+        }
+    }
+
+    // Violations: exactly the refused operations.
+    for op in &all {
+        let needle = op.violation();
+        let reported = seen.iter().any(|s| s.contains(&needle));
+        match (op.allowed(), reported) {
+            (true, true) => failures.push(format!("{who}: {op}: the server refused it")),
+            (false, false) => failures.push(format!("{who}: {op}: the server did not refuse it")),
+            _ => {}
+        }
+    }
+
+    // Allowed publishes reached the admin observer.
+    let mut missing: BTreeSet<String> = all
+        .iter()
+        .filter_map(|op| match op {
+            Op::Publish {
+                subject,
+                allowed: true,
+            } => Some(marker(who, subject)),
+            _ => None,
+        })
+        .collect();
+    let refused: BTreeSet<String> = all
+        .iter()
+        .filter_map(|op| match op {
+            Op::Publish {
+                subject,
+                allowed: false,
+            } => Some(marker(who, subject)),
+            _ => None,
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !missing.is_empty() {
+        match tokio::time::timeout_at(deadline, observed.next()).await {
+            Ok(Some(msg)) => {
+                let payload = String::from_utf8_lossy(&msg.payload).into_owned();
+                missing.remove(&payload);
+                if refused.contains(&payload) {
+                    failures.push(format!("{who}: refused publish was delivered: {payload}"));
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for payload in missing {
+        failures.push(format!(
+            "{who}: allowed publish never reached a subscriber: {payload}"
+        ));
+    }
+
+    // Allowed subscriptions receive what the admin publishes on them.
+    for (pattern, mut sub) in subscriptions {
+        let probe = literal(&pattern);
+        let body = format!("deny-matrix probe for {who} on {pattern}");
+        observer
+            .client()
+            .publish(probe.clone(), body.clone().into())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        let got = loop {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(msg)) if msg.payload == body.as_bytes() => break true,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break false,
+            }
+        };
+        if !got {
+            failures.push(format!(
+                "{who}: subscription {pattern:?} did not receive the admin's probe on {probe:?}"
+            ));
+        }
+    }
+    failures
+}
+
+/// A request the server itself answers on `bus`'s connection: every operation sent
+/// before it has been processed when it returns.
+async fn barrier(bus: &Bus) {
+    tokio::time::timeout(LIMIT, bus.jetstream().query_account())
+        .await
+        .expect("JetStream answers in time")
+        .expect("the barrier request is allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_identity_gets_exactly_what_the_access_policy_grants() {
+    let policy = policy();
+    let stack = Stack::start().await;
+    let observer = stack.admin().await;
+    let mut failures = Vec::new();
+    for who in policy.identities() {
+        let e = policy
+            .expectations(who)
+            .expect("example identity has expectations");
+        eprintln!(
+            "{who}: {} publish allowed, {} refused; {} subscribe allowed, {} refused",
+            e.publish_allowed.len(),
+            e.publish_refused.len(),
+            e.subscribe_allowed.len(),
+            e.subscribe_refused.len()
+        );
+        failures.extend(check_identity(&stack, &observer, who, &e).await);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} deny-matrix failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// JetStream administration subjects for every declared asset: what only the admin
+/// bootstrap may do.
+fn administration_subjects() -> Vec<String> {
+    let decl = Declaration::load(&repo_root().join("deploy/streams.toml")).unwrap();
+    let mut streams: Vec<String> = decl.streams.iter().map(|s| s.name.clone()).collect();
+    streams.extend(decl.key_values.iter().map(|kv| kv.stream_name()));
+    streams.extend(decl.object_stores.iter().map(|o| o.stream_name()));
+    let mut subjects = Vec::new();
+    for stream in &streams {
+        for verb in ["CREATE", "UPDATE", "DELETE", "PURGE"] {
+            subjects.push(format!("$JS.API.STREAM.{verb}.{stream}"));
+        }
+    }
+    for c in &decl.consumers {
+        subjects.push(format!("$JS.API.CONSUMER.DELETE.{}.{}", c.stream, c.name));
+        subjects.push(format!(
+            "$JS.API.CONSUMER.DURABLE.CREATE.{}.{}",
+            c.stream, c.name
+        ));
+    }
+    subjects
+}
+
+#[test]
+fn the_matrix_refuses_every_identity_the_subjects_of_every_other_and_jetstream_administration() {
+    let policy = policy();
+    let expectations: Vec<Expectations> = policy
+        .identities()
+        .iter()
+        .map(|id| policy.expectations(id).unwrap())
+        .collect();
+    let mut gaps = Vec::new();
+    for e in expectations
+        .iter()
+        .filter(|e| e.identity != Identity::admin())
+    {
+        for other in expectations.iter().filter(|o| o.identity != e.identity) {
+            let publish = other
+                .publish_allowed
+                .iter()
+                .filter(|s| e.publish_refused.contains(s))
+                .count();
+            let subscribe = other
+                .subscribe_allowed
+                .iter()
+                .filter(|s| e.subscribe_refused.contains(s))
+                .count();
+            if publish + subscribe == 0 {
+                gaps.push(format!(
+                    "{} is refused none of the subjects {} is allowed",
+                    e.identity, other.identity
+                ));
+            }
+        }
+        // Stream, KV-bucket and object-store creation and deletion, and consumer creation.
+        for prefix in [
+            "$JS.API.STREAM.CREATE.",
+            "$JS.API.STREAM.DELETE.",
+            "$JS.API.STREAM.CREATE.KV_",
+            "$JS.API.STREAM.DELETE.KV_",
+            "$JS.API.STREAM.CREATE.OBJ_",
+            "$JS.API.STREAM.DELETE.OBJ_",
+            "$JS.API.CONSUMER.CREATE.",
+            "$JS.API.CONSUMER.DELETE.",
+        ] {
+            if !e.publish_refused.iter().any(|s| s.starts_with(prefix)) {
+                gaps.push(format!("{} has no refused {prefix}… subject", e.identity));
+            }
+        }
+        if !e.subscribe_refused.iter().any(|s| s == ">") {
+            gaps.push(format!(
+                "{} is not expected to be refused \">\"",
+                e.identity
+            ));
+        }
+    }
+    assert!(
+        gaps.is_empty(),
+        "the deny matrix has gaps:\n{}",
+        gaps.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_workload_may_create_or_delete_any_declared_stream_bucket_or_consumer() {
+    // Beyond the policy's examples: every declared asset, every non-admin identity. The
+    // same sentinel barrier as the matrix; a refused request does nothing on the server.
+    let policy = policy();
+    let subjects = administration_subjects();
+    let stack = Stack::start().await;
+    let observer = stack.admin().await;
+    let mut failures = Vec::new();
+    for who in policy
+        .identities()
+        .iter()
+        .filter(|id| **id != Identity::admin())
+    {
+        let e = Expectations {
+            identity: who.clone(),
+            publish_allowed: Vec::new(),
+            publish_refused: subjects.clone(),
+            subscribe_allowed: Vec::new(),
+            subscribe_refused: Vec::new(),
+        };
+        failures.extend(check_identity(&stack, &observer, who, &e).await);
+    }
+    // The assets are all still there.
+    let js = observer.jetstream();
+    let decl = Declaration::load(&repo_root().join("deploy/streams.toml")).unwrap();
+    for stream in &decl.streams {
+        if js.get_stream(&stream.name).await.is_err() {
+            failures.push(format!("stream {} is gone", stream.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -1,0 +1,1 @@
+//! CloudEvents and trace context across the bus.
