@@ -311,6 +311,33 @@ async fn kv_writes_are_visible_from_another_node_and_from_the_cli() {
         unknown.stderr().contains("patchbay-fn-nobody"),
         "unclear error for a function without a bucket: {unknown:?}"
     );
+
+    // The function and the CLI agree on the key set, before and after a delete.
+    let (_, out) = outputs(invoke(&admin, "kvstore", "kv-keys", serde_json::json!({})).await);
+    let seen_by_function: serde_json::Value =
+        serde_json::from_slice(&output_data(&out[0])).unwrap();
+    assert_eq!(seen_by_function, keys);
+    let _ = outputs(
+        invoke(
+            &admin,
+            "kvstore",
+            "kv-delete",
+            serde_json::json!({"key": "greeting"}),
+        )
+        .await,
+    );
+    let keys = stack
+        .cli(&["fn", "kv", "ls", "kvstore", "--json"])
+        .success()
+        .json();
+    assert_eq!(keys, serde_json::json!([]));
+    let deleted = stack
+        .cli(&["fn", "kv", "get", "kvstore", "greeting"])
+        .failure();
+    assert!(
+        deleted.stderr().contains("no key \"greeting\""),
+        "a deleted key still reads: {deleted:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,18 +433,27 @@ async fn a_log_call_shows_in_fn_logs_and_as_a_span_event_of_the_invocation() {
         Some("misbehave")
     );
     assert_eq!(hex_id(&span.trace_id), log_trace_id);
-    // tracing-opentelemetry turns an event's `message` field into the span event's name;
-    // accept the message as the name or as any attribute value.
-    let carries_message = span.events.iter().any(|e| {
-        e.name == MESSAGE
-            || e.attributes
-                .iter()
-                .any(|kv| any_value_text(kv.value.as_ref()).as_deref() == Some(MESSAGE))
-    });
-    assert!(
-        carries_message,
-        "no event of the invoke span carries {MESSAGE:?}: {:?}",
-        span.events
+    // tracing-opentelemetry turns an event's `message` field into the span event's name
+    // (the level and target become attributes); accept the message as the name or as an
+    // attribute value, so either export shape passes but a missing event does not.
+    let event = span
+        .events
+        .iter()
+        .find(|e| {
+            e.name == MESSAGE
+                || e.attributes
+                    .iter()
+                    .any(|kv| any_value_text(kv.value.as_ref()).as_deref() == Some(MESSAGE))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no event of the invoke span carries {MESSAGE:?}: {:?}",
+                span.events
+            )
+        });
+    assert_eq!(
+        attribute(&event.attributes, "level").as_deref(),
+        Some("INFO")
     );
 }
 
@@ -597,14 +633,79 @@ async fn dead_letters_and_exhausted_retries_land_in_the_dlq_with_context_and_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_stream_message_is_dead_lettered_at_once_with_the_reason() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let _node = stack.spawn_runtime("node-1");
+    let _ = stack.deploy(
+        "misbehave",
+        "strict",
+        &[
+            "--trigger",
+            "stream:CC_RECORDINGS:cc.v1.recordings.*.completed",
+            "--publish",
+            "cc.v1.recordings.*.indexed",
+            "--config",
+            "out=cc.v1.recordings.strict.indexed",
+        ],
+    );
+
+    // No CloudEvent headers and not structured mode: not an event at all.
+    let subject = "cc.v1.recordings.garbled.completed";
+    admin
+        .jetstream()
+        .publish(subject, "not a cloud event".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let rows = eventually(PATIENCE, "the malformed message's dead letter", || async {
+        let rows = dlq_rows(&stack, "strict");
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["attempts"], "1", "malformed input is not retried");
+    assert_eq!(rows[0]["subject"], subject);
+    let error = rows[0]["error"].as_str().unwrap();
+    assert!(error.starts_with("malformed event"), "{error:?}");
+    // It came without trace context, so it names the trace the node started for it.
+    let trace_id = rows[0]["trace_id"].as_str().unwrap_or_default();
+    assert!(
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "no trace id recorded: {:?}",
+        rows[0]
+    );
+    let seq = rows[0]["seq"].as_u64().unwrap().to_string();
+    let shown = stack
+        .cli(&["fn", "dlq", "show", &seq, "--json"])
+        .success()
+        .json();
+    assert_eq!(shown["body"], "not a cloud event");
+    eventually(PATIENCE, "the consumer to have nothing pending", || async {
+        (consumer_backlog(&admin, "strict").await == (0, 0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_components_fail_only_their_own_invocation() {
     let stack = Stack::start().await;
     let admin = stack.admin().await;
     let mut node = stack.spawn_runtime("node-1");
+    // Two functions on one node: `spinner` only ever loops, so its short timeout is what
+    // ends it; `unruly` gets a small memory cap and a timeout generous enough that a
+    // starved CPU never turns another outcome into a timeout.
+    let _ = stack.deploy(
+        "misbehave",
+        "spinner",
+        &[&INVOKED[..], &["--timeout", "200ms"]].concat(),
+    );
     let _ = stack.deploy(
         "misbehave",
         "unruly",
-        &[&INVOKED[..], &["--timeout", "200ms", "--memory", "16"]].concat(),
+        &[&INVOKED[..], &["--timeout", "10s", "--memory", "16"]].concat(),
     );
 
     const BAD: [&str; 5] = ["trap", "panic", "loop", "oom", "forbidden-publish"];
@@ -614,9 +715,10 @@ async fn misbehaving_components_fail_only_their_own_invocation() {
             // Interleave a good invocation with every bad one.
             for ty in ["ok", bad] {
                 let bus = admin.clone();
+                let function = if ty == "loop" { "spinner" } else { "unruly" };
                 tasks.spawn(async move {
                     let data = serde_json::json!({ "round": round });
-                    (ty, invoke(&bus, "unruly", ty, data).await)
+                    (ty, invoke(&bus, function, ty, data).await)
                 });
             }
         }

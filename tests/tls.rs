@@ -50,6 +50,15 @@ async fn raw_connect(
         .unwrap_or_else(|_| panic!("raw connect to {url} did not finish within {LIMIT:?}"))
 }
 
+/// The server refused during the TLS handshake (a fatal alert), not for another reason
+/// such as a closed port.
+fn assert_tls_alert(err: &async_nats::ConnectError) {
+    assert!(
+        err.to_string().contains("fatal alert"),
+        "expected the server to end the handshake with a fatal alert: {err}"
+    );
+}
+
 /// A certificate for `who` issued by the stack's own CA into `dir` (not the state
 /// directory, so the stack's certificates stay untouched).
 fn issue_from_stack_ca(stack: &Stack, who: &str, dir: &Path, validity: Validity) -> BusConfig {
@@ -91,6 +100,7 @@ async fn rejects_connection_without_client_certificate() {
         .map(|_| ())
         .expect_err("a connection without a client certificate must be refused");
     eprintln!("without a client certificate: {err} ({:?})", err.kind());
+    assert_tls_alert(&err);
 
     // The same client with a certificate gets in: the refusal was about the certificate.
     let files = stack.prepared.state.identity(&identity("service/routing"));
@@ -187,6 +197,7 @@ async fn refuses_an_expired_certificate_with_a_clear_error() {
         "expired certificate, raw client: {server} ({:?})",
         server.kind()
     );
+    assert_tls_alert(&server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -225,6 +225,14 @@ fn token(name: &str) -> anyhow::Result<Token> {
     Token::new(name).with_context(|| format!("invalid function name {name:?}"))
 }
 
+/// RFC 3339 for milliseconds since the Unix epoch (the raw number if out of range).
+fn format_millis(ms: u64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
 fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
@@ -301,6 +309,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         publish: args.publish.clone(),
         config: args.config.into_iter().collect::<BTreeMap<_, _>>(),
         limits,
+        stream_subjects: Some(stream_subjects(&js).await?),
     };
     let mut unchanged = false;
     let spec = registry
@@ -349,6 +358,23 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+/// The subject filters of every stream, for the version spec: nodes may not list streams
+/// themselves, and must know which outputs a stream stores (see `VersionSpec`).
+async fn stream_subjects(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
+    use futures::TryStreamExt as _;
+    let mut subjects: Vec<String> = js
+        .streams()
+        .map_ok(|info| info.config.subjects)
+        .try_concat()
+        .await
+        .context("failed to list the streams")?;
+    // KV and object-store subjects are never function outputs.
+    subjects.retain(|s| !s.starts_with('$'));
+    subjects.sort();
+    subjects.dedup();
+    Ok(subjects)
 }
 
 /// Create the function's own KV bucket if it does not exist (admin only).
@@ -621,7 +647,12 @@ async fn logs(bus: &Bus, name: &str, follow: bool, json: bool) -> anyhow::Result
             Ok(r) => writeln!(
                 out,
                 "{} {:<5} {} v{} [{}] {}",
-                r.time_ms, r.level, r.node, r.version, r.event_id, r.message
+                format_millis(r.time_ms),
+                r.level,
+                r.node,
+                r.version,
+                r.event_id,
+                r.message
             )?,
             Err(_) => writeln!(out, "{}", String::from_utf8_lossy(&msg.payload))?,
         }

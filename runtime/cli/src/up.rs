@@ -86,36 +86,41 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The example functions `up` deploys: component, name, trigger, publish list, config.
-const EXAMPLES: &[(&str, &str, &str, &[&str], &[&str])] = &[
-    (
-        "customer-lookup",
-        "customer-lookup",
-        "subject:cc.v1.customers.lookup",
-        &["cc.v1.customers.lookup.reply"],
-        &["default_tier=standard"],
-    ),
-    (
-        "recording-index",
-        "recording-index",
-        "stream:CC_RECORDINGS:cc.v1.recordings.*.completed",
-        &["cc.v1.recordings.*.indexed"],
-        &[],
-    ),
-    (
-        "survey-scheduler",
-        "survey-scheduler",
-        "stream:CC_CALLS:cc.v1.calls.*.ended",
-        &["cc.v1.surveys.*.scheduled"],
-        &["delay_minutes=30", "min_duration_s=20"],
-    ),
-    (
-        "call-analytics",
-        "call-analytics",
-        "stream:CC_CALLS:cc.v1.calls.>",
-        &[],
-        &[],
-    ),
+/// An example function `up` deploys.
+struct Example {
+    /// Component file stem in the components directory (also the function name).
+    name: &'static str,
+    trigger: &'static str,
+    publish: &'static [&'static str],
+    config: &'static [(&'static str, &'static str)],
+}
+
+/// The contact-centre examples: triggers and allow-lists as each function documents.
+const EXAMPLES: &[Example] = &[
+    Example {
+        name: "customer-lookup",
+        trigger: "subject:cc.v1.customers.lookup",
+        publish: &["cc.v1.customers.lookup.reply"],
+        config: &[("default_tier", "standard")],
+    },
+    Example {
+        name: "recording-index",
+        trigger: "stream:CC_RECORDINGS:cc.v1.recordings.*.completed",
+        publish: &["cc.v1.recordings.*.indexed"],
+        config: &[],
+    },
+    Example {
+        name: "survey-scheduler",
+        trigger: "stream:CC_CALLS:cc.v1.calls.*.ended",
+        publish: &["cc.v1.surveys.*.scheduled"],
+        config: &[("delay_minutes", "30"), ("min_duration_s", "20")],
+    },
+    Example {
+        name: "call-analytics",
+        trigger: "stream:CC_CALLS:cc.v1.calls.>",
+        publish: &[],
+        config: &[],
+    },
 ];
 
 /// Run `patchbay up`.
@@ -195,8 +200,14 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
     }
 
     let mut deployed = Vec::new();
-    for (component, name, trigger, publish, config) in EXAMPLES {
-        let file = args.components.join(format!("{component}.wasm"));
+    for Example {
+        name,
+        trigger,
+        publish,
+        config,
+    } in EXAMPLES
+    {
+        let file = args.components.join(format!("{name}.wasm"));
         if !file.is_file() {
             println!(
                 "skipping {name}: {} not built (run `make wasm`)",
@@ -211,8 +222,7 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
             publish: publish.iter().map(|s| (*s).to_owned()).collect(),
             config: config
                 .iter()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             max_deliver: 5,
             timeout: Duration::from_secs(1),

@@ -2,8 +2,8 @@
 //! tear down — for the tuned engine and, as the same-run baseline, for the pooling
 //! allocator with its default slot reset.
 //!
-//! `cargo run --release -p patchbay-host --example bench_instantiate -- [component.wasm] [n]`
-//! (default `build/components/echo.wasm`, 20000 iterations).
+//! `cargo run --release -p patchbay-host --example bench_instantiate -- [component.wasm] [n]
+//! [tuned|defaults]` (default `build/components/echo.wasm`, 20000 iterations, both).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
         Some(n) => n.parse().context("iterations must be a number")?,
         None => 20_000,
     };
+    let only = args.next();
     let bytes = std::fs::read(&path).with_context(|| format!("failed to read {path}"))?;
 
     let tuned = EngineConfig::default();
@@ -37,7 +38,10 @@ async fn main() -> anyhow::Result<()> {
         pagemap_scan: false,
         ..EngineConfig::default()
     };
-    for (name, config) in [("tuned", tuned), ("pooling defaults", pooling_defaults)] {
+    let configs = [("tuned", tuned), ("defaults", pooling_defaults)]
+        .into_iter()
+        .filter(|(name, _)| only.as_deref().is_none_or(|only| only == *name));
+    for (name, config) in configs {
         let engine = Engine::new(config).context("failed to build the engine")?;
         let code = engine
             .load(&bytes)
@@ -75,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
             call.push(outcome.stats.call);
         }
         println!(
-            "{name:>17} (pagemap_scan {}): instantiate+call+drop p50 {:?} p90 {:?} p99 {:?} | \
+            "{name:>8} (pagemap_scan {}): instantiate+call+drop p50 {:?} p90 {:?} p99 {:?} | \
              instantiate p50 {:?} | call p50 {:?} | n {n}",
             engine.pagemap_scan(),
             percentile(&mut total, 0.50),

@@ -197,16 +197,15 @@ impl NatsCapabilities {
                 event_id: event_id.to_owned(),
                 trace_id: trace_id.clone(),
             };
-            if let Ok(body) = serde_json::to_vec(&record) {
-                if let Err(e) = self
+            if let Ok(body) = serde_json::to_vec(&record)
+                && let Err(e) = self
                     .node
                     .bus
                     .client()
                     .publish(subject.clone(), body.into())
                     .await
-                {
-                    tracing::debug!(error = %e, "cannot publish log record");
-                }
+            {
+                tracing::debug!(error = %e, "cannot publish log record");
             }
         }
     }

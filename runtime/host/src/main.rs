@@ -57,8 +57,10 @@ async fn main() -> anyhow::Result<()> {
         shutdown_signal(),
     ));
 
-    let mut engine = EngineConfig::default();
-    engine.max_concurrent_instances = args.max_instances;
+    let engine = EngineConfig {
+        max_concurrent_instances: args.max_instances,
+        ..EngineConfig::default()
+    };
     let config = NodeConfig {
         bus: args
             .bus

@@ -40,10 +40,15 @@ impl Schedule {
         Ok(Self { cron })
     }
 
-    /// The first tick strictly after `after_millis` (ms since the Unix epoch).
+    /// The first tick strictly after `after_millis` (ms since the Unix epoch), always on
+    /// a whole second.
     #[must_use]
     pub fn next_after(&self, after_millis: u64) -> Option<u64> {
-        let after = DateTime::<Utc>::from_timestamp_millis(i64::try_from(after_millis).ok()?)?;
+        // croner keeps the sub-second part of its start time, so an unaligned start would
+        // give every node its own tick times (and tick ids): one run per node per tick
+        // instead of one per tick. Ticks are whole seconds; so is the search's start.
+        let whole_second = after_millis - after_millis % 1000;
+        let after = DateTime::<Utc>::from_timestamp_millis(i64::try_from(whole_second).ok()?)?;
         let next = self.cron.find_next_occurrence(&after, false).ok()?;
         u64::try_from(next.timestamp_millis()).ok()
     }
@@ -58,7 +63,18 @@ mod tests {
     fn per_second_schedules_tick_every_second_on_the_second() {
         let s = Schedule::parse("* * * * * *").unwrap();
         assert_eq!(s.next_after(1_000_500), Some(1_001_000));
+        assert_eq!(s.next_after(1_000_999), Some(1_001_000));
         assert_eq!(s.next_after(1_001_000), Some(1_002_000));
+    }
+
+    #[test]
+    fn nodes_started_at_different_moments_agree_on_tick_times() {
+        let s = Schedule::parse("*/2 * * * * *").unwrap();
+        // Starting at arbitrary milliseconds, ticks still fall on the schedule's seconds.
+        assert_eq!(s.next_after(1_795_648_369_740), Some(1_795_648_370_000));
+        assert_eq!(s.next_after(1_795_648_370_044), Some(1_795_648_372_000));
+        let five = Schedule::parse("*/5 * * * *").unwrap();
+        assert_eq!(five.next_after(60_123), Some(300_000));
     }
 
     #[test]

@@ -207,19 +207,30 @@ pub(crate) async fn publish_core(
 
 /// Publish outputs durably: into the stream that captures each subject with a
 /// `Nats-Msg-Id` derived from the input id and the output's index, so a redelivered input
-/// stores each output once. Subjects no stream captures fall back to core NATS.
+/// stores each output once. Subjects no stream captures go out with core NATS.
+///
+/// Which subjects a stream captures comes from the version's spec (resolved by `fn
+/// deploy`): a JetStream publish on a subject without a stream is never acknowledged when
+/// someone core-subscribes to it, so trying it would stall, retry and deliver the output
+/// again and again. Only specs without that list learn it by trial ("no stream" answer).
 pub(crate) async fn publish_durable(
     node: &Node,
+    f: &Deployed,
     input_id: &str,
     outputs: &[(String, CloudEvent)],
     deadline: Option<Deadline>,
 ) -> Result<(), String> {
     for (index, (subject, event)) in outputs.iter().enumerate() {
-        let is_core = node
-            .core_subjects
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(subject);
+        let is_core = match &f.spec.stream_subjects {
+            Some(captured) => !captured
+                .iter()
+                .any(|filter| crate::capabilities::subject_matches(filter, subject)),
+            None => node
+                .core_subjects
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(subject),
+        };
         if is_core {
             node.bus
                 .publish(subject, event, deadline)

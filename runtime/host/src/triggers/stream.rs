@@ -119,7 +119,7 @@ async fn handle(
         let outcome = node.invoke(&f, &subject, event, deadline, kind).await;
         let retry = |requested_ms: u64, reason: String| (requested_ms, reason);
         let retry_request = match outcome {
-            Outcome::Ok(outputs) => match publish_durable(&node, &input_id, &outputs, deadline).await {
+            Outcome::Ok(outputs) => match publish_durable(&node, &f, &input_id, &outputs, deadline).await {
                 Ok(()) => {
                     if let Err(e) = msg.double_ack().await {
                         tracing::warn!(error = %e, "ack not confirmed; the message may be redelivered (outputs are de-duplicated)");
@@ -177,6 +177,13 @@ async fn dead_letter(
         time_millis: node.bus.clock().now_millis(),
     };
     let mut headers = record.headers(msg.headers.as_ref());
+    // A message that came without trace context was processed in a new root trace (the
+    // current span's); record that one, so every dead letter leads to its trace.
+    if headers.get(crate::dlq::TRACE_ID).is_none()
+        && let Some(trace_id) = patchbay_bus::trace::span_trace_id(&tracing::Span::current())
+    {
+        headers.insert(crate::dlq::TRACE_ID, trace_id.as_str());
+    }
     let dedup = if source.is_empty() {
         format!("dlq:{}:{}", f.name, uuid_like(msg))
     } else {
