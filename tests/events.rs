@@ -194,14 +194,7 @@ async fn a_malformed_event_is_rejected_with_a_reason() {
     let _ = stack.deploy(
         "misbehave",
         "misbehave",
-        &[
-            "--trigger",
-            "subject:cc.v1.tests.in",
-            "--publish",
-            "cc.v1.tests.>",
-            "--config",
-            "out=cc.v1.tests.out",
-        ],
+        patchbay_tests::MISBEHAVE_ON_SUBJECT,
     );
     let raw_request = |headers: Option<HeaderMap>| {
         let client = admin.client().clone();

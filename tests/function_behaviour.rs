@@ -84,16 +84,7 @@ fn output_data(output: &serde_json::Value) -> Vec<u8> {
 
 /// The nodes serving `version` of `name`.
 async fn serving(bus: &Bus, name: &str, version: u32) -> Vec<String> {
-    patchbay_cli::function::node_statuses(bus, Duration::from_millis(300))
-        .await
-        .into_iter()
-        .filter(|s| {
-            s.functions
-                .iter()
-                .any(|f| f.name == name && f.version == version)
-        })
-        .map(|s| s.node)
-        .collect()
+    patchbay_cli::function::serving_nodes(bus, name, version, Duration::from_millis(300)).await
 }
 
 /// A W3C `traceparent` with a fresh, known trace id; returns `(traceparent, trace_id)`.

@@ -35,14 +35,7 @@ async fn deployed_function_answers_invoke_and_ls_shows_version_trigger_and_diges
     let deployed = stack.deploy(
         "misbehave",
         "misbehave",
-        &[
-            "--trigger",
-            "subject:cc.v1.tests.in",
-            "--publish",
-            "cc.v1.tests.>",
-            "--config",
-            "out=cc.v1.tests.out",
-        ],
+        patchbay_tests::MISBEHAVE_ON_SUBJECT,
     );
     assert_eq!(deployed["version"], 1);
 

@@ -431,3 +431,14 @@ pub async fn wait_until_serving(
     })
     .await;
 }
+
+/// `fn deploy` flags for the `misbehave` fixture on subject `cc.v1.tests.in`, answering
+/// `ok` events on `cc.v1.tests.out`.
+pub const MISBEHAVE_ON_SUBJECT: &[&str] = &[
+    "--trigger",
+    "subject:cc.v1.tests.in",
+    "--publish",
+    "cc.v1.tests.>",
+    "--config",
+    "out=cc.v1.tests.out",
+];

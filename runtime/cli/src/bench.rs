@@ -195,6 +195,37 @@ async fn load(
     })
 }
 
+/// One requester, one request at a time: the unloaded round trip (p50, p99).
+async fn sequential(
+    config: BusConfig,
+    subject: String,
+    count: usize,
+    payload: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let bus = patchbay_bus::connect(&config).await?;
+    let client = bus.client().clone();
+    let event = CloudEvent::new("/patchbay/bench", "bench.echo.v1")
+        .data("application/octet-stream", vec![b'x'; payload]);
+    let headers = event.to_headers();
+    let body = Bytes::from(vec![b'x'; payload]);
+    for _ in 0..200 {
+        let _ = client
+            .request_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await;
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        client
+            .request_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await
+            .context("sequential request failed")?;
+        latencies.push(start.elapsed());
+    }
+    latencies.sort_unstable();
+    Ok((latencies[count / 2], latencies[count * 99 / 100]))
+}
+
 fn median_round(mut rounds: Vec<Round>) -> Round {
     rounds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
     rounds[rounds.len() / 2]
@@ -322,6 +353,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let native = median_round(native_rounds);
     let function = median_round(function_rounds);
+    let mut rtt = Vec::new();
+    for subject in [&native_subject, &function_subject] {
+        let (config, target, p) = (load_config.clone(), subject.clone(), args.payload);
+        rtt.push(
+            tokio::task::spawn_blocking(move || {
+                runtime("current")?.block_on(sequential(config, target, 3000, p))
+            })
+            .await??,
+        );
+    }
 
     // The engine alone: instantiate + call of the same component, one core, no bus.
     let engine = patchbay_host::Engine::new(patchbay_host::EngineConfig::default())?;
@@ -372,12 +413,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.errors
         );
     }
-    let added = function.p50.saturating_sub(native.p50);
+    println!();
+    println!("one sequential requester (unloaded round trip):");
+    println!(
+        "  native   p50 {:>8}  p99 {:>8}",
+        micros(rtt[0].0),
+        micros(rtt[0].1)
+    );
+    println!(
+        "  function p50 {:>8}  p99 {:>8}",
+        micros(rtt[1].0),
+        micros(rtt[1].1)
+    );
     println!();
     println!(
-        "throughput ratio {:.2}× (target ≥ 0.70×)   added p50 {} (target ≤ 50 µs)",
+        "throughput ratio {:.2}× (target ≥ 0.70×)   added p50 {} unloaded (target ≤ 50 µs), {} at {} concurrent",
         function.rps / native.rps,
-        micros(added)
+        micros(rtt[1].0.saturating_sub(rtt[0].0)),
+        micros(function.p50.saturating_sub(native.p50)),
+        args.concurrency
     );
     println!(
         "instantiate+call median {:.2} µs over {} iterations (target ≤ 6 µs; engine alone, no bus)",

@@ -436,20 +436,25 @@ async fn ensure_consumer(
     Ok(())
 }
 
+/// The nodes that serve `version` of `name` now (each node answers within `window`).
+pub async fn serving_nodes(bus: &Bus, name: &str, version: u32, window: Duration) -> Vec<String> {
+    node_statuses(bus, window)
+        .await
+        .into_iter()
+        .filter(|s| {
+            s.functions
+                .iter()
+                .any(|f| f.name == name && f.version == version)
+        })
+        .map(|s| s.node)
+        .collect()
+}
+
 /// Ask every node what it serves until one serves `version` of `name`; the nodes that do.
 async fn wait_for_version(bus: &Bus, name: &str, version: u32, wait: Duration) -> Vec<String> {
     let deadline = Instant::now() + wait;
     loop {
-        let serving: Vec<String> = node_statuses(bus, Duration::from_millis(300))
-            .await
-            .into_iter()
-            .filter(|s| {
-                s.functions
-                    .iter()
-                    .any(|f| f.name == name && f.version == version)
-            })
-            .map(|s| s.node)
-            .collect();
+        let serving = serving_nodes(bus, name, version, Duration::from_millis(300)).await;
         if !serving.is_empty() || Instant::now() >= deadline {
             return serving;
         }

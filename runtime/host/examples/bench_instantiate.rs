@@ -68,7 +68,17 @@ async fn main() -> anyhow::Result<()> {
 
         // Warm the pool slots and caches first.
         bench_instantiate_call(&engine, &code, &event, &invocation, n / 10 + 1).await;
-        let mut total = bench_instantiate_call(&engine, &code, &event, &invocation, n).await;
+        // On a shared 2-vCPU machine other processes steal whole milliseconds; the median
+        // of all samples shows what a caller sees, the lowest median of 20 batches what
+        // the engine costs when it has the core.
+        let mut all = Vec::with_capacity(n);
+        let mut batch_medians = Vec::with_capacity(20);
+        for _ in 0..20 {
+            let mut batch =
+                bench_instantiate_call(&engine, &code, &event, &invocation, n.div_ceil(20)).await;
+            batch_medians.push(percentile(&mut batch, 0.50));
+            all.extend(batch);
+        }
         let mut instantiate = Vec::with_capacity(n.min(5000));
         let mut call = Vec::with_capacity(n.min(5000));
         for _ in 0..n.min(5000) {
@@ -79,14 +89,16 @@ async fn main() -> anyhow::Result<()> {
             call.push(outcome.stats.call);
         }
         println!(
-            "{name:>8} (pagemap_scan {}): instantiate+call+drop p50 {:?} p90 {:?} p99 {:?} | \
-             instantiate p50 {:?} | call p50 {:?} | n {n}",
+            "{name:>8} (pagemap_scan {}): instantiate+call+drop p50 {:?} p90 {:?} p99 {:?}, \
+             best batch p50 {:?} | instantiate p50 {:?} | call p50 {:?} | n {}",
             engine.pagemap_scan(),
-            percentile(&mut total, 0.50),
-            percentile(&mut total, 0.90),
-            percentile(&mut total, 0.99),
+            percentile(&mut all, 0.50),
+            percentile(&mut all, 0.90),
+            percentile(&mut all, 0.99),
+            batch_medians.iter().min().copied().unwrap_or_default(),
             percentile(&mut instantiate, 0.50),
             percentile(&mut call, 0.50),
+            all.len(),
         );
     }
     Ok(())

@@ -56,28 +56,31 @@ fn to_guest(subjects: &Subjects, subject: &str, event: CloudEvent) -> Event {
     }
 }
 
-/// The bus form of a guest event, with the prefixed subject it goes to.
+/// The bus form of a guest event, with the prefixed subject it goes to. Built field by
+/// field: an output always gets an id (its own or `fallback_id`), so no UUID or clock
+/// read is spent on one that would be replaced.
 fn from_guest(
     subjects: &Subjects,
     function: &str,
-    fallback_id: String,
+    fallback_id: impl FnOnce() -> String,
     e: Event,
 ) -> (String, CloudEvent) {
-    let mut event = CloudEvent::new(
-        if e.source.is_empty() {
+    let event = CloudEvent {
+        id: if e.id.is_empty() { fallback_id() } else { e.id },
+        source: if e.source.is_empty() {
             format!("/patchbay/fn/{function}")
         } else {
             e.source
         },
-        e.type_,
-    )
-    .id(if e.id.is_empty() { fallback_id } else { e.id });
-    if e.time.is_some() {
-        event = event.with_time_millis(e.time);
+        ty: e.type_,
+        time: None,
+        data_content_type: e.content_type,
+        data_schema: None,
+        subject: None,
+        extensions: e.extensions.into_iter().collect::<BTreeMap<_, _>>(),
+        data: Bytes::from(e.data),
     }
-    event.data_content_type = e.content_type;
-    event.data = Bytes::from(e.data);
-    event.extensions = e.extensions.into_iter().collect::<BTreeMap<_, _>>();
+    .with_time_millis(e.time);
     (subjects.full(&e.subject), event)
 }
 
@@ -90,7 +93,6 @@ pub(crate) async fn run(
     deadline: Option<Deadline>,
 ) -> Outcome {
     let input_id = event.id.clone();
-    let trace_id = patchbay_bus::trace::span_trace_id(&tracing::Span::current());
     let capabilities = Arc::new(NatsCapabilities {
         node: Arc::clone(node),
         function: Arc::clone(f),
@@ -115,17 +117,13 @@ pub(crate) async fn run(
     }
     let guest = to_guest(node.bus.subjects(), subject, event);
     let outcome = f.code.invoke(&node.engine, guest, invocation).await;
-    let version = f.spec.version.to_string();
-    let labels = [f.name.as_str(), version.as_str()];
-    node.metrics
+    f.metrics
         .instantiate
-        .with_label_values(&labels)
         .observe(outcome.stats.instantiate.as_secs_f64());
-    node.metrics
+    f.metrics
         .duration
-        .with_label_values(&labels)
         .observe((outcome.stats.instantiate + outcome.stats.call).as_secs_f64());
-    capabilities.flush_logs(&input_id, trace_id).await;
+    capabilities.flush_logs(&input_id).await;
     match outcome.result {
         Ok(Ok(outputs)) => Outcome::Ok(
             outputs
@@ -135,7 +133,7 @@ pub(crate) async fn run(
                     from_guest(
                         node.bus.subjects(),
                         f.name.as_str(),
-                        format!("{input_id}.{i}"),
+                        || format!("{input_id}.{i}"),
                         e,
                     )
                 })
@@ -175,16 +173,17 @@ struct NatsCapabilities {
 
 impl NatsCapabilities {
     fn event(&self, e: Event) -> (String, CloudEvent) {
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = || uuid::Uuid::now_v7().to_string();
         from_guest(self.node.bus.subjects(), self.function.name.as_str(), id, e)
     }
 
     /// Publish the invocation's log records, in order, after it ran.
-    async fn flush_logs(&self, event_id: &str, trace_id: Option<String>) {
+    async fn flush_logs(&self, event_id: &str) {
         let logs = std::mem::take(&mut *self.logs.lock().unwrap_or_else(PoisonError::into_inner));
         if logs.is_empty() {
             return;
         }
+        let trace_id = patchbay_bus::trace::span_trace_id(&self.span);
         let subject = self.node.bus.subjects().fn_logs(&self.function.name);
         for (level, message) in logs {
             let record = LogRecord {

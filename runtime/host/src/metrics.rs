@@ -1,7 +1,7 @@
 //! The function host's Prometheus metrics (names are stable and documented in README).
 
 use patchbay_telemetry::{DURATION_BUCKETS_SECONDS, Metrics};
-use prometheus::{GaugeVec, HistogramVec, IntCounterVec};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounterVec};
 
 /// Buckets for instantiation, which takes microseconds, not milliseconds.
 const INSTANTIATE_BUCKETS_SECONDS: &[f64] = &[
@@ -70,5 +70,25 @@ impl HostMetrics {
                 &["function", "version"],
             )?,
         })
+    }
+}
+
+/// The metric children of one function version, resolved once at deploy time so the
+/// per-event path does no label lookups for them.
+#[derive(Clone, Debug)]
+pub(crate) struct VersionMetrics {
+    pub inflight: Gauge,
+    pub duration: Histogram,
+    pub instantiate: Histogram,
+}
+
+impl VersionMetrics {
+    pub(crate) fn new(metrics: &HostMetrics, function: &str, version: u32) -> Self {
+        let version = version.to_string();
+        Self {
+            inflight: metrics.inflight.with_label_values(&[function]),
+            duration: metrics.duration.with_label_values(&[function, &version]),
+            instantiate: metrics.instantiate.with_label_values(&[function, &version]),
+        }
     }
 }

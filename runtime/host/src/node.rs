@@ -78,6 +78,8 @@ pub(crate) struct Deployed {
     pub config: Arc<std::collections::BTreeMap<String, String>>,
     /// The version's publish allow-list.
     pub allow: crate::capabilities::PublishAllowList,
+    /// Its metric children.
+    pub metrics: crate::metrics::VersionMetrics,
 }
 
 /// What came of running a function on one event.
@@ -283,6 +285,7 @@ impl Node {
                 ..crate::limits::Limits::default()
             };
             let deployed = Arc::new(Deployed {
+                metrics: crate::metrics::VersionMetrics::new(&self.metrics, name.as_str(), version.version),
                 name: name.clone(),
                 limiter: Arc::new(Semaphore::new(version.limits.max_concurrency.max(1) as usize)),
                 limits,
@@ -431,10 +434,9 @@ impl Node {
             let Ok(_permit) = f.limiter.acquire().await else {
                 return Outcome::Error(ErrorKind::Overloaded, "function is shutting down".into());
             };
-            let inflight = self.metrics.inflight.with_label_values(&[f.name.as_str()]);
-            inflight.inc();
+            f.metrics.inflight.inc();
             let outcome = crate::dispatch::run(self, f, subject, event, deadline).await;
-            inflight.dec();
+            f.metrics.inflight.dec();
             outcome
         }
         .instrument(span.clone())
