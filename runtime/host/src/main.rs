@@ -24,6 +24,10 @@ struct Args {
     /// Instance slots in the pooling allocator (concurrent invocations across functions).
     #[arg(long, env = "PATCHBAY_MAX_INSTANCES", default_value_t = 256)]
     max_instances: u32,
+    /// Directory for compiled components (keyed by digest and engine), so a restarted
+    /// node skips compilation. Unset: compile into memory only.
+    #[arg(long, env = "PATCHBAY_CACHE_DIR")]
+    cache_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     bus: BusArgs,
     #[command(flatten)]
@@ -59,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
 
     let engine = EngineConfig {
         max_concurrent_instances: args.max_instances,
+        cache_dir: args.cache_dir,
         ..EngineConfig::default()
     };
     let config = NodeConfig {
