@@ -122,6 +122,44 @@ async fn native_echo(
     }
 }
 
+/// A warmed-up connection sending the same CloudEvent (binary mode) to one subject.
+#[derive(Clone)]
+struct Requester {
+    client: async_nats::Client,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    body: Bytes,
+}
+
+impl Requester {
+    async fn connect(config: BusConfig, subject: String, payload: usize) -> anyhow::Result<Self> {
+        let bus = patchbay_bus::connect(&config).await?;
+        let event = CloudEvent::new("/patchbay/bench", "bench.echo.v1")
+            .data("application/octet-stream", vec![b'x'; payload]);
+        let requester = Self {
+            client: bus.client().clone(),
+            subject,
+            headers: event.to_headers(),
+            body: event.data,
+        };
+        // Warm up: connections, subscriptions, the instance pool.
+        for _ in 0..200 {
+            let _ = requester.request().await;
+        }
+        Ok(requester)
+    }
+
+    async fn request(&self) -> Result<async_nats::Message, async_nats::RequestError> {
+        self.client
+            .request_with_headers(
+                self.subject.clone(),
+                self.headers.clone(),
+                self.body.clone(),
+            )
+            .await
+    }
+}
+
 /// `concurrency` requesters sending CloudEvents to `subject` for `duration`.
 async fn load(
     config: BusConfig,
@@ -130,28 +168,12 @@ async fn load(
     duration: Duration,
     payload: usize,
 ) -> anyhow::Result<Round> {
-    let bus = patchbay_bus::connect(&config).await?;
-    let client = bus.client().clone();
-    let event = CloudEvent::new("/patchbay/bench", "bench.echo.v1")
-        .data("application/octet-stream", vec![b'x'; payload]);
-    let headers = event.to_headers();
-    let body = Bytes::from(vec![b'x'; payload]);
-    // Warm up: connections, subscriptions, the instance pool.
-    for _ in 0..200 {
-        let _ = client
-            .request_with_headers(subject.clone(), headers.clone(), body.clone())
-            .await;
-    }
+    let requester = Requester::connect(config, subject, payload).await?;
     let start = Instant::now();
     let end = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, subject, headers, body) = (
-            client.clone(),
-            subject.clone(),
-            headers.clone(),
-            body.clone(),
-        );
+        let requester = requester.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(16 * 1024);
             let mut errors = 0u64;
@@ -161,10 +183,7 @@ async fn load(
                 if now >= end {
                     break;
                 }
-                match client
-                    .request_with_headers(subject.clone(), headers.clone(), body.clone())
-                    .await
-                {
+                match requester.request().await {
                     Ok(_) => latencies.push(now.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -202,22 +221,12 @@ async fn sequential(
     count: usize,
     payload: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
-    let bus = patchbay_bus::connect(&config).await?;
-    let client = bus.client().clone();
-    let event = CloudEvent::new("/patchbay/bench", "bench.echo.v1")
-        .data("application/octet-stream", vec![b'x'; payload]);
-    let headers = event.to_headers();
-    let body = Bytes::from(vec![b'x'; payload]);
-    for _ in 0..200 {
-        let _ = client
-            .request_with_headers(subject.clone(), headers.clone(), body.clone())
-            .await;
-    }
+    let requester = Requester::connect(config, subject, payload).await?;
     let mut latencies = Vec::with_capacity(count);
     for _ in 0..count {
         let start = Instant::now();
-        client
-            .request_with_headers(subject.clone(), headers.clone(), body.clone())
+        requester
+            .request()
             .await
             .context("sequential request failed")?;
         latencies.push(start.elapsed());
