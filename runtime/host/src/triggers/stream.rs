@@ -185,7 +185,7 @@ async fn dead_letter(
         headers.insert(crate::dlq::TRACE_ID, trace_id.as_str());
     }
     let dedup = if source.is_empty() {
-        format!("dlq:{}:{}", f.name, uuid_like(msg))
+        format!("dlq:{}:{}", f.name, payload_digest(msg))
     } else {
         format!("dlq:{source}")
     };
@@ -221,7 +221,8 @@ async fn dead_letter(
     }
 }
 
-fn uuid_like(msg: &async_nats::jetstream::Message) -> String {
+/// De-duplication key for a dead letter whose stream position is unknown.
+fn payload_digest(msg: &async_nats::jetstream::Message) -> String {
     crate::registry::digest(&msg.payload)
 }
 
