@@ -309,7 +309,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         publish: args.publish.clone(),
         config: args.config.into_iter().collect::<BTreeMap<_, _>>(),
         limits,
-        stream_subjects: Some(stream_subjects(&js).await?),
+        stream_subjects: stream_subjects(&js).await?,
     };
     let mut unchanged = false;
     let spec = registry

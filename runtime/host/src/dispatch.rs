@@ -228,7 +228,6 @@ impl HostCapabilities for NatsCapabilities {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
             let (subject, event) = self.event(event);
-            let _entered = self.span.clone();
             self.node
                 .bus
                 .publish(&subject, &event, self.deadline)

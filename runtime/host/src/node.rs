@@ -138,8 +138,6 @@ pub(crate) struct Node {
     code_cache: Mutex<HashMap<String, FunctionCode>>,
     buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
     triggers: Mutex<HashMap<String, RunningTrigger>>,
-    /// Output subjects that no stream captures (published with core NATS).
-    pub core_subjects: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Run a node until `shutdown` resolves, then drain.
@@ -165,7 +163,6 @@ pub async fn run(
         code_cache: Mutex::default(),
         buckets: tokio::sync::Mutex::default(),
         triggers: Mutex::default(),
-        core_subjects: Mutex::default(),
     });
 
     for spec in node.registry.list().await? {

@@ -270,10 +270,9 @@ pub struct VersionSpec {
     /// Subject filters of every stream that existed at deploy time. Workloads may not
     /// list streams, so `fn deploy` resolves them for the nodes: a `stream` or `schedule`
     /// output on a subject one of them matches is stored durably (de-duplicated), any
-    /// other is published with core NATS. `None` in specs written before this field: the
-    /// node then tries JetStream first and falls back to core NATS when no stream answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_subjects: Option<Vec<String>>,
+    /// other is published with core NATS.
+    #[serde(default)]
+    pub stream_subjects: Vec<String>,
 }
 
 /// A function and its versions, as stored under its name in [`FUNCTIONS_BUCKET`].
@@ -537,7 +536,7 @@ mod tests {
             publish: vec![],
             config: BTreeMap::new(),
             limits: Limits::default(),
-            stream_subjects: None,
+            stream_subjects: vec![],
         }
     }
 

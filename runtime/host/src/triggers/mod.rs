@@ -15,7 +15,7 @@ pub(crate) mod stream;
 pub(crate) mod subject;
 
 use std::future::Future;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
@@ -209,10 +209,10 @@ pub(crate) async fn publish_core(
 /// `Nats-Msg-Id` derived from the input id and the output's index, so a redelivered input
 /// stores each output once. Subjects no stream captures go out with core NATS.
 ///
-/// Which subjects a stream captures comes from the version's spec (resolved by `fn
-/// deploy`): a JetStream publish on a subject without a stream is never acknowledged when
-/// someone core-subscribes to it, so trying it would stall, retry and deliver the output
-/// again and again. Only specs without that list learn it by trial ("no stream" answer).
+/// Which subjects a stream captures comes from the version's spec, resolved by `fn
+/// deploy` (workloads may not list streams). Trying JetStream first is no substitute: on
+/// a subject without a stream that someone core-subscribes to, the publish is never
+/// acknowledged, so it would stall, retry and deliver the output again and again.
 pub(crate) async fn publish_durable(
     node: &Node,
     f: &Deployed,
@@ -221,41 +221,22 @@ pub(crate) async fn publish_durable(
     deadline: Option<Deadline>,
 ) -> Result<(), String> {
     for (index, (subject, event)) in outputs.iter().enumerate() {
-        let is_core = match &f.spec.stream_subjects {
-            Some(captured) => !captured
-                .iter()
-                .any(|filter| crate::capabilities::subject_matches(filter, subject)),
-            None => node
-                .core_subjects
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains(subject),
-        };
-        if is_core {
+        let stored = f
+            .spec
+            .stream_subjects
+            .iter()
+            .any(|filter| crate::capabilities::subject_matches(filter, subject));
+        if stored {
+            let msg_id = format!("{input_id}:{index}");
+            node.bus
+                .publish_durable_with_id(subject, event, &msg_id, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
             node.bus
                 .publish(subject, event, deadline)
                 .await
                 .map_err(|e| e.to_string())?;
-            continue;
-        }
-        let msg_id = format!("{input_id}:{index}");
-        match node
-            .bus
-            .publish_durable_with_id(subject, event, &msg_id, deadline)
-            .await
-        {
-            Ok(_) => {}
-            Err(patchbay_bus::PublishError::NoStream { .. }) => {
-                node.core_subjects
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(subject.clone());
-                node.bus
-                    .publish(subject, event, deadline)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Err(e) => return Err(e.to_string()),
         }
     }
     Ok(())

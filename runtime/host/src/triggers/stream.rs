@@ -117,8 +117,8 @@ async fn handle(
         };
         let input_id = event.id.clone();
         let outcome = node.invoke(&f, &subject, event, deadline, kind).await;
-        let retry = |requested_ms: u64, reason: String| (requested_ms, reason);
-        let retry_request = match outcome {
+        // What is left after the outcomes that end here: a retry (requested delay, reason).
+        let (requested_ms, reason) = match outcome {
             Outcome::Ok(outputs) => match publish_durable(&node, &f, &input_id, &outputs, deadline).await {
                 Ok(()) => {
                     if let Err(e) = msg.double_ack().await {
@@ -126,7 +126,7 @@ async fn handle(
                     }
                     return;
                 }
-                Err(e) => retry(0, format!("cannot publish outputs: {e}")),
+                Err(e) => (0, format!("cannot publish outputs: {e}")),
             },
             Outcome::Failure(FailureReply::Drop { reason }) => {
                 tracing::info!(%reason, "function dropped the event");
@@ -136,10 +136,9 @@ async fn handle(
             Outcome::Failure(FailureReply::DeadLetter { reason }) => {
                 return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
             }
-            Outcome::Failure(FailureReply::Retry { after_ms, reason }) => retry(after_ms, reason),
-            Outcome::Error(kind, message) => retry(0, format!("{}: {message}", crate::node::error_label(kind))),
+            Outcome::Failure(FailureReply::Retry { after_ms, reason }) => (after_ms, reason),
+            Outcome::Error(kind, message) => (0, format!("{}: {message}", crate::node::error_label(kind))),
         };
-        let (requested_ms, reason) = retry_request;
         if delivered >= max_deliver {
             let reason = format!("gave up after {delivered} attempts: {reason}");
             return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
