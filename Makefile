@@ -13,7 +13,7 @@ export PATCHBAY_NATS_SERVER ?= $(PATCHBAY_TOOLS)/venv/bin/nats-server
 export PATCHBAY_COMPONENTS ?= $(CURDIR)/build/components
 CARGO ?= cargo
 
-.PHONY: help tools nats wasm wasm-toolchain wasm-route-b wasm-test build build-release test test-only lint fmt up bench clean
+.PHONY: help tools nats test-tools bench-tools wasm wasm-toolchain wasm-route-b wasm-test build build-release test test-only lint fmt up bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ tools: nats wasm-toolchain ## install nats-server and the wasm toolchain (idempo
 
 nats: ## install a current nats-server into .tools/venv
 	@scripts/install-nats.sh
+
+test-tools: ## install the checkers tests run (openapi-spec-validator) into .tools/venv
+	@scripts/install-test-tools.sh
 
 wasm-toolchain:
 	@scripts/wasm-toolchain.sh
@@ -41,7 +44,7 @@ build: ## build every host binary (debug; wasmtime and cranelift optimised)
 build-release:
 	$(CARGO) build --workspace --bins --release
 
-test: nats wasm wasm-route-b build wasm-test ## install what is missing, build everything, run all tests
+test: nats test-tools wasm wasm-route-b build wasm-test ## install what is missing, build everything, run all tests
 	$(CARGO) test --workspace --no-fail-fast
 
 lint: ## formatting and clippy, as CI checks them
@@ -58,7 +61,10 @@ fmt: ## format host and guest code
 up: nats wasm build ## run the whole system locally (Ctrl-C stops it)
 	$(CARGO_TARGET_DIR)/debug/patchbay up --nats-server $(PATCHBAY_NATS_SERVER) --components $(PATCHBAY_COMPONENTS)
 
-bench: nats wasm build-release ## benchmarks, each beside a baseline measured in the same run
+bench-tools: ## install wrk and the pinned wasmtime CLI (the gateway benchmark's baseline)
+	@scripts/install-bench-tools.sh
+
+bench: nats bench-tools wasm build-release ## benchmarks, each beside a baseline measured in the same run
 	$(CARGO_TARGET_DIR)/release/patchbay bench --nats-server $(PATCHBAY_NATS_SERVER) --components $(PATCHBAY_COMPONENTS)
 
 clean: ## remove local state (.patchbay) and built components; keeps the cargo cache

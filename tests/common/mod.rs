@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod gateway;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -216,6 +218,33 @@ impl Stack {
             &format!("runtime-{node}"),
             &binary("patchbay-runtime"),
             &[],
+            &env,
+            &self.prepared.state.logs(),
+        )
+    }
+
+    /// Start the binary `bin` (e.g. `patchbay-routing`) as `identity_text` (e.g.
+    /// `service/routing`), with its standard environment plus `extra_env` (set last, so it
+    /// overrides), logging under the stack's log directory as `log_name`.
+    #[must_use]
+    pub fn spawn_binary(
+        &self,
+        bin: &str,
+        identity_text: &str,
+        log_name: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Process {
+        let mut env = self.env_for(identity_text);
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        Process::spawn(
+            log_name,
+            &binary(bin),
+            args,
             &env,
             &self.prepared.state.logs(),
         )
@@ -442,3 +471,42 @@ pub const MISBEHAVE_ON_SUBJECT: &[&str] = &[
     "--config",
     "out=cc.v1.tests.out",
 ];
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a child's admin listener).
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET http://<addr><path>` over plain HTTP/1.0; `(status, body)`, or `None` while
+/// nothing listens at `addr` yet.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of the Prometheus sample `series` (name with its labels exactly as
+/// exposed, e.g. `patchbay_x_total{outcome="ok"}`) in a /metrics body; 0 when absent.
+#[must_use]
+pub fn metric_value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}

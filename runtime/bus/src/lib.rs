@@ -3,7 +3,9 @@
 //! This crate owns the NATS connection (mutual TLS with rustls, one identity per
 //! workload), the subject mechanism and the platform subjects, the CloudEvents envelope
 //! on NATS headers, W3C trace-context propagation, the `patchbay-deadline` header and the
-//! publish/request primitives that apply all of them. It does not own any business
+//! publish/request primitives that apply all of them, plus the two record shapes every
+//! component shares: the reply to an invocation ([`reply`]) and the dead-letter record
+//! ([`dlq`]). It does not own any business
 //! subject (those live in `patchbay-protocol`), any stream layout (that is
 //! `deploy/streams.toml`) or telemetry set-up (`patchbay-telemetry`).
 
@@ -18,7 +20,11 @@ pub mod client;
 #[cfg(feature = "client")]
 pub mod deadline;
 #[cfg(feature = "client")]
+pub mod dlq;
+#[cfg(feature = "client")]
 pub mod event;
+#[cfg(feature = "client")]
+pub mod reply;
 pub mod subject;
 #[cfg(feature = "client")]
 pub mod trace;

@@ -77,6 +77,18 @@ pub fn extract(headers: Option<&HeaderMap>) -> Context {
     }
 }
 
+/// The context carried by any other carrier (HTTP headers at the gateway), read with the
+/// same propagators as NATS headers.
+#[must_use]
+pub fn extract_from(carrier: &dyn Extractor) -> Context {
+    PROPAGATOR.extract(carrier)
+}
+
+/// Write the trace context of `cx` into any other carrier (HTTP response headers).
+pub fn inject_into(cx: &Context, carrier: &mut dyn Injector) {
+    PROPAGATOR.inject_context(cx, carrier);
+}
+
 /// The trace id carried by `headers` as 32 lower-case hex digits, if a valid
 /// `traceparent` is present.
 #[must_use]

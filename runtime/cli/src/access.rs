@@ -4,8 +4,8 @@
 //! `service/routing`). Each group lists
 //!
 //! * `publish` / `subscribe` — application subjects (NATS wildcards allowed, never a leading
-//!   wildcard except for `cli/admin`), plus `$SRV.>` for the micro protocol and the literal
-//!   `$JS.API.INFO`;
+//!   wildcard except for `cli/admin`), plus `$SRV.>` for the micro protocol and the read-only
+//!   literals `$JS.API.INFO` and `$JS.API.STREAM.NAMES`;
 //! * `owns` — publish patterns that only this group may publish: every other group whose
 //!   broader allow (`cc.v1.>`) overlaps one gets an explicit `deny` for it, so a runtime node
 //!   that may emit function outputs on `cc.v1.>` still cannot forge `routed` events or agent
@@ -56,7 +56,10 @@ use crate::streams::{Declaration, StreamsError};
 /// Token appended to example subjects and used as example asset names in the deny matrix.
 pub const EXAMPLE_TOKEN: &str = "deny-matrix";
 const JS_API: &str = "$JS.API";
-const JS_INFO: &str = "$JS.API.INFO";
+/// Read-only JetStream API calls a group may list in `publish`: account info, and stream
+/// names (which stream, if any, stores a subject — how the gateway tells durable subjects
+/// from core ones).
+const JS_READ_ONLY: [&str; 2] = ["$JS.API.INFO", "$JS.API.STREAM.NAMES"];
 
 /// Errors loading or validating an access policy.
 #[derive(Debug, thiserror::Error)]
@@ -1167,7 +1170,7 @@ fn check_ownership(groups: &[Group]) -> Result<()> {
 }
 
 fn is_reserved(field: &str, subject: &str) -> bool {
-    if subject.starts_with("$SRV.") || (field == "publish" && subject == JS_INFO) {
+    if subject.starts_with("$SRV.") || (field == "publish" && JS_READ_ONLY.contains(&subject)) {
         return false;
     }
     subject.starts_with('$') || subject == "_INBOX" || subject.starts_with("_INBOX.")

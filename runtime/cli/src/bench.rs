@@ -2,7 +2,8 @@
 //! native async-nats echo responder, measured in the same run, on the same nats-server,
 //! with mutual TLS and the same tokio flavour on both sides — plus the engine's median
 //! instantiate+call time. Rounds alternate (native, function, native, …) and the median
-//! round is reported, because this hardware varies ±15–20 % run to run.
+//! round is reported, because this hardware varies ±15–20 % run to run. The gateway
+//! benchmark is [`crate::bench_gateway`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,30 @@ pub struct BenchArgs {
     /// Instantiate+call iterations for the engine micro-benchmark.
     #[arg(long, default_value_t = 20_000)]
     pub iterations: usize,
+    /// Which benchmarks: `functions` (event function vs native responder), `gateway`
+    /// (HTTP function through the gateway vs `wasmtime serve`), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway"])]
+    pub suite: String,
+    /// The `wasmtime` CLI (48.0.8, the engine Patchbay embeds) for the gateway baseline.
+    #[arg(
+        long,
+        env = "PATCHBAY_WASMTIME",
+        default_value = "~/.cache/patchbay/wasmtime-cli/bin/wasmtime",
+        value_parser = expand_home
+    )]
+    pub wasmtime: PathBuf,
+    /// The `wrk` load generator for the gateway benchmark.
+    #[arg(long, env = "PATCHBAY_WRK", default_value = "wrk")]
+    pub wrk: PathBuf,
+}
+
+fn expand_home(text: &str) -> Result<PathBuf, String> {
+    match text.strip_prefix("~/") {
+        Some(rest) => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(rest))
+            .ok_or_else(|| "HOME is not set".to_owned()),
+        None => Ok(PathBuf::from(text)),
+    }
 }
 
 /// One measured round.
@@ -251,6 +276,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "warning: this is a debug build; figures are only meaningful from `make bench` (release)"
         );
     }
+    if matches!(args.suite.as_str(), "all" | "functions") {
+        functions(&args).await?;
+    }
+    if matches!(args.suite.as_str(), "all" | "gateway") {
+        println!();
+        crate::bench_gateway::run(&args).await?;
+    }
+    Ok(())
+}
+
+/// The function benchmark: an event function on a `subject` trigger beside a native
+/// responder, plus the engine alone.
+async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
     let echo = args.components.join("echo.wasm");
     if !echo.is_file() {
         bail!("{} not found: run `make wasm`", echo.display());

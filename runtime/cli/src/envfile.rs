@@ -15,6 +15,10 @@ pub const NATS_CA: &str = "PATCHBAY_NATS_CA";
 pub const NATS_CERT: &str = "PATCHBAY_NATS_CERT";
 /// Admin client key.
 pub const NATS_KEY: &str = "PATCHBAY_NATS_KEY";
+/// Base URL of the local gateway.
+pub const GATEWAY_URL: &str = "PATCHBAY_GATEWAY_URL";
+/// A dev API token (scope `admin`) for the local gateway.
+pub const TOKEN: &str = "PATCHBAY_TOKEN";
 
 /// The variables of an env file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -267,9 +267,15 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
 
     // Validate before anything is stored: a refused component changes nothing.
     let started = Instant::now();
+    let http = trigger.is_http();
     let validated = tokio::task::spawn_blocking(move || {
         let engine = patchbay_host::Engine::new(engine_config)?;
-        engine.load(&bytes).map_err(anyhow::Error::from)?;
+        // An HTTP function must target wasi:http/proxy; every other one the event world.
+        if http {
+            engine.load_http(&bytes).map_err(anyhow::Error::from)?;
+        } else {
+            engine.load(&bytes).map_err(anyhow::Error::from)?;
+        }
         Ok::<_, anyhow::Error>(bytes)
     })
     .await
@@ -334,7 +340,8 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
             Ok(spec)
         })
         .await?;
-    let serving = if args.wait.is_zero() {
+    // HTTP functions are served by gateways, which do not answer the node status query.
+    let serving = if args.wait.is_zero() || http {
         vec![]
     } else {
         wait_for_version(bus, name.as_str(), spec.active, args.wait).await
@@ -351,7 +358,9 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
             spec.active,
             &digest[..12]
         );
-        if serving.is_empty() && !args.wait.is_zero() {
+        if http {
+            println!("served by every gateway on {trigger}");
+        } else if serving.is_empty() && !args.wait.is_zero() {
             println!("warning: no runtime node serves v{} yet", spec.active);
         } else if !serving.is_empty() {
             println!("serving on {}", serving.join(", "));
@@ -409,7 +418,7 @@ async fn ensure_consumer(
             TICKS_STREAM.to_owned(),
             registry::tick_subject(subjects, name),
         ),
-        Trigger::Subject { .. } | Trigger::Invoke => return Ok(()),
+        Trigger::Subject { .. } | Trigger::Invoke | Trigger::Http { .. } => return Ok(()),
     };
     let js = bus.jetstream();
     let stream_handle = js.get_stream(&stream).await.with_context(|| {

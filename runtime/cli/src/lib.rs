@@ -12,14 +12,15 @@
 //! * [`local`] — the local stack (certificates, config, nats-server process, bootstrap)
 //!   shared by `patchbay up` and the integration-test harness;
 //! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
-//! * [`function`] — the `patchbay fn …` commands; [`up`] — `patchbay up`; [`bench`] —
-//!   `patchbay bench`.
+//! * [`function`] — the `patchbay fn …` commands; [`token`] — `patchbay token …` (gateway
+//!   API tokens); [`up`] — `patchbay up`; [`bench`], [`bench_gateway`] — `patchbay bench`.
 //!
 //! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
 
 pub mod access;
 pub mod bench;
+pub mod bench_gateway;
 pub mod certs;
 pub mod connection;
 pub mod envfile;
@@ -27,6 +28,7 @@ pub mod function;
 pub mod local;
 pub mod natsconf;
 pub mod streams;
+pub mod token;
 pub mod up;
 
 #[cfg(test)]

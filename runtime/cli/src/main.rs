@@ -9,6 +9,7 @@ use patchbay_cli::certs::{CertAuthority, Identity, Validity};
 use patchbay_cli::connection::ConnectionArgs;
 use patchbay_cli::function::FnCommand;
 use patchbay_cli::local::{self, StateDir};
+use patchbay_cli::token::TokenCommand;
 use patchbay_cli::up::UpArgs;
 
 /// Patchbay: one NATS bus for core services and WebAssembly functions.
@@ -39,6 +40,9 @@ enum Command {
     Function(FnCommand),
     /// Benchmarks, each beside a baseline measured in the same run.
     Bench(patchbay_cli::bench::BenchArgs),
+    /// API tokens for the HTTP gateway: create, list, revoke (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +107,12 @@ async fn main() -> anyhow::Result<()> {
             patchbay_cli::function::run(cmd, bus)
                 .await
                 .context("fn command failed")
+        }
+        Command::Token(cmd) => {
+            let bus = cli.connection.connect().await?;
+            patchbay_cli::token::run(cmd, bus)
+                .await
+                .context("token command failed")
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `patchbay up`: the whole system on this machine — nats-server with mTLS and
-//! JetStream, the bootstrap, runtime nodes and the example functions — until Ctrl-C.
+//! JetStream, the bootstrap, the core services (routing, agents), runtime nodes, the
+//! gateway with a dev token, and the example functions — until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,12 +36,16 @@ pub struct UpArgs {
     /// Runtime nodes to start.
     #[arg(long, default_value_t = 1)]
     pub nodes: u16,
-    /// First admin (metrics) port; node i listens on this + i - 1.
+    /// First admin (metrics) port: node i listens on this + i - 1, then the gateway,
+    /// routing and agents on the next ones.
     #[arg(long, default_value_t = 9464)]
     pub admin_port: u16,
     /// Directory with `access.toml` and `streams.toml`.
     #[arg(long, default_value = "deploy")]
     pub deploy_dir: PathBuf,
+    /// Public port of the gateway (127.0.0.1).
+    #[arg(long, default_value_t = 8080)]
+    pub gateway_port: u16,
     /// Directory with the example components (`make wasm` builds them).
     #[arg(long, env = "PATCHBAY_COMPONENTS", default_value = "build/components")]
     pub components: PathBuf,
@@ -121,7 +126,55 @@ const EXAMPLES: &[Example] = &[
         publish: &[],
         config: &[],
     },
+    // A plain wasi:http/proxy component (the test fixture `wasmtime serve` also runs),
+    // served by the gateway at /hello/….
+    Example {
+        name: "http-echo",
+        trigger: "http:/hello/...",
+        publish: &[],
+        config: &[],
+    },
 ];
+
+/// A long-running process `up` starts, with its identity and flags.
+struct Workload {
+    /// Label in the summary and log file name.
+    label: String,
+    binary: &'static str,
+    identity: Identity,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    admin: String,
+}
+
+impl Workload {
+    fn spawn(&self, state: &StateDir, url: &str) -> anyhow::Result<(Supervised, PathBuf)> {
+        let program = sibling(self.binary)?;
+        let files = state.identity(&self.identity);
+        let log = state.logs().join(format!("{}.log", self.label.replace(' ', "-")));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&program)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env(envfile::NATS_URL, url)
+            .env(envfile::NATS_CA, state.ca())
+            .env(envfile::NATS_CERT, &files.cert)
+            .env(envfile::NATS_KEY, &files.key)
+            .env("PATCHBAY_ADMIN_LISTEN", &self.admin)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        Ok((
+            Supervised {
+                name: self.label.clone(),
+                child,
+            },
+            log,
+        ))
+    }
+}
 
 /// Run `patchbay up`.
 pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
@@ -171,33 +224,79 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
     env.save(&state.env_file())
         .with_context(|| format!("cannot write {}", state.env_file().display()))?;
 
-    let runtime = sibling("patchbay-runtime")?;
     std::fs::create_dir_all(state.logs())?;
+    let gateway_url = format!("http://127.0.0.1:{}", args.gateway_port);
+    let mut workloads: Vec<Workload> = nodes
+        .iter()
+        .map(|node| Workload {
+            label: format!("runtime {}", node.name()),
+            binary: "patchbay-runtime",
+            identity: node.clone(),
+            args: vec![],
+            env: vec![("PATCHBAY_NODE", node.name().to_owned())],
+            admin: String::new(),
+        })
+        .collect();
+    workloads.push(Workload {
+        label: "gateway".into(),
+        binary: "patchbay-gateway",
+        identity: Identity::new("gateway", "gateway")?,
+        args: vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", args.gateway_port),
+        ],
+        env: vec![],
+        admin: String::new(),
+    });
+    workloads.push(Workload {
+        label: "routing".into(),
+        binary: "patchbay-routing",
+        identity: Identity::new("service", "routing")?,
+        args: vec![
+            "--rules".into(),
+            args.deploy_dir.join("routing.toml").display().to_string(),
+        ],
+        env: vec![],
+        admin: String::new(),
+    });
+    workloads.push(Workload {
+        label: "agents".into(),
+        binary: "patchbay-agents",
+        identity: Identity::new("service", "agents")?,
+        args: vec![
+            "run".into(),
+            "--config".into(),
+            args.deploy_dir.join("agents.toml").display().to_string(),
+        ],
+        env: vec![],
+        admin: String::new(),
+    });
     let mut children = Vec::new();
     let mut admin_urls = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let files = state.identity(node);
-        let log = state.logs().join(format!("runtime-{}.log", node.name()));
-        let out = std::fs::File::create(&log)?;
-        let admin_addr = format!("127.0.0.1:{}", args.admin_port + i as u16);
-        let child = Command::new(&runtime)
-            .env("PATCHBAY_NODE", node.name())
-            .env(envfile::NATS_URL, &url)
-            .env(envfile::NATS_CA, state.ca())
-            .env(envfile::NATS_CERT, &files.cert)
-            .env(envfile::NATS_KEY, &files.key)
-            .env("PATCHBAY_ADMIN_LISTEN", &admin_addr)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("cannot start {}", runtime.display()))?;
-        admin_urls.push((node.name().to_owned(), admin_addr, log));
-        children.push(Supervised {
-            name: format!("runtime {}", node.name()),
-            child,
-        });
+    for (i, workload) in workloads.iter_mut().enumerate() {
+        workload.admin = format!("127.0.0.1:{}", args.admin_port + i as u16);
+        let (child, log) = workload.spawn(&state, &url)?;
+        admin_urls.push((workload.label.clone(), workload.admin.clone(), log));
+        children.push(child);
     }
+
+    // A dev token for the gateway: the one from the last run while it still works.
+    let token = match env.get(envfile::TOKEN) {
+        Some(token) if crate::token::is_valid(&admin, token).await => token.to_owned(),
+        _ => {
+            crate::token::create_token(
+                &admin,
+                "dev",
+                vec![patchbay_gateway::token::Scope::Admin],
+                Some(Duration::from_secs(30 * 24 * 3600)),
+            )
+            .await?
+        }
+    };
+    env.set(envfile::GATEWAY_URL, &gateway_url);
+    env.set(envfile::TOKEN, &token);
+    env.save(&state.env_file())
+        .with_context(|| format!("cannot write {}", state.env_file().display()))?;
 
     let mut deployed = Vec::new();
     for Example {
@@ -243,9 +342,12 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
         "  NATS            {url}  (mTLS; monitoring http://127.0.0.1:{})",
         args.http_port
     );
-    for (node, addr, log) in &admin_urls {
+    println!(
+        "  gateway         {gateway_url}  (OpenAPI {gateway_url}/openapi.json; token in the env file)"
+    );
+    for (label, addr, log) in &admin_urls {
         println!(
-            "  runtime {node:<7} http://{addr}/metrics  /healthz  /readyz   log {}",
+            "  {label:<15} http://{addr}/metrics  /healthz  /readyz   log {}",
             log.display()
         );
     }
@@ -263,6 +365,12 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
     println!("  patchbay fn ls");
     println!(
         "  patchbay fn invoke customer-lookup --type cc.customer.lookup.v1 --data '{{\"phone\":\"+44 20 7946 0000\"}}'"
+    );
+    println!(
+        "  curl -H \"Authorization: Bearer $PATCHBAY_TOKEN\" $PATCHBAY_GATEWAY_URL/hello/world"
+    );
+    println!(
+        "  curl -H \"Authorization: Bearer $PATCHBAY_TOKEN\" -H 'ce-specversion: 1.0' -H 'ce-id: call-1' \\\n       -H 'ce-source: /pbx' -H 'ce-type: cc.call.incoming.v1' -H 'content-type: application/json' \\\n       -d '{{\"call_id\":\"call-1\",\"dialled\":\"+442079460000\",\"caller\":\"+44 20 7946 0000\"}}' \\\n       $PATCHBAY_GATEWAY_URL/v1/events/cc.v1.calls.call-1.incoming"
     );
     println!(
         "  python3 -m pip install nats-py  # any NATS client works with the same certificates"

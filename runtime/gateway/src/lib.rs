@@ -1,6 +1,32 @@
 //! The Patchbay HTTP gateway: how external callers — telephony adapters, CRMs, agent
-//! desktops, dashboards — reach the bus (events in, request-reply, function invocation,
-//! `wasi:http` functions run in-process, API tokens, OpenAPI).
+//! desktops, dashboards — reach the bus.
 //!
-//! Empty on purpose: issue 4 ("HTTP gateway") fills it. Nothing here pretends to serve
-//! yet, and `patchbay up` does not start a gateway until it does.
+//! * [`bus_routes`] — `POST /v1/events/{subject}` (CloudEvents in both HTTP content modes;
+//!   201 once a stream stored it, 202 on core subjects), `POST /v1/request/{subject}` and
+//!   `POST /v1/functions/{name}/invoke` (NATS request-reply; outcomes mapped to statuses);
+//! * [`functions`] — HTTP functions (`wasi:http/proxy` components) run in this process
+//!   from the same registry the runtime nodes watch, bodies streaming both ways;
+//! * [`auth`], [`token`], [`ratelimit`] — bearer tokens with scopes, stored hashed in the
+//!   `patchbay-tokens` bucket, and a per-token rate limit;
+//! * [`problem`] — every error as RFC 9457 problem+json; [`openapi`] — the OpenAPI 3.1
+//!   document at `/openapi.json`;
+//! * [`observe`] — a server span continuing the caller's `traceparent` (and returning
+//!   it), the deadline every bus message carries, metrics per route and status;
+//! * [`server`] — listener (plain or rustls TLS), graceful drain, [`run`].
+//!
+//! Health and metrics are on the admin listener of `patchbay-telemetry`, never on the
+//! public one.
+
+pub mod auth;
+pub mod bus_routes;
+pub mod config;
+pub mod functions;
+pub mod observe;
+pub mod openapi;
+pub mod problem;
+pub mod ratelimit;
+pub mod server;
+pub mod token;
+
+pub use config::{GatewayConfig, TlsFiles};
+pub use server::{GatewayError, router, run};

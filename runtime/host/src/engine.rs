@@ -4,7 +4,9 @@
 //! fuel), the linker with WASI p2 and the Patchbay imports, the compiled-code caches and
 //! the epoch thread. [`Engine::load`] turns component bytes into a [`FunctionCode`]
 //! (checked, compiled, pre-linked); [`FunctionCode::invoke`] runs one event in a fresh
-//! instance under an [`Invocation`]'s limits and capabilities.
+//! instance under an [`Invocation`]'s limits and capabilities. [`Engine::load_http`] and
+//! [`HttpCode::handle`] do the same for `wasi:http/proxy` components (the gateway's HTTP
+//! functions).
 //!
 //! Not here: where components come from (registry, object store), what triggers an
 //! invocation, how outputs are published or acknowledged, and metrics registration — the
@@ -12,6 +14,7 @@
 
 mod bench;
 mod config;
+mod http;
 mod invoke;
 mod load;
 
@@ -28,6 +31,7 @@ use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use bench::bench_instantiate_call;
 pub use config::EngineConfig;
+pub use http::{HttpCode, HttpInvokeError, HttpResponse, INCOMING_HANDLER_EXPORT};
 pub use invoke::{Invocation, InvocationStats, InvokeError, InvokeErrorKind, InvokeOutcome};
 pub use load::{CodeOrigin, FunctionCode, LoadError};
 
@@ -68,6 +72,8 @@ pub struct Engine {
 struct Inner {
     wasmtime: wasmtime::Engine,
     linker: Linker<HostState>,
+    /// WASI p2 + `wasi:http`, for `wasi:http/proxy` components.
+    http_linker: Linker<http::HttpState>,
     config: EngineConfig,
     pagemap_scan: bool,
     /// Distinguishes cache files of incompatible engines (wasmtime version, settings).
@@ -97,9 +103,12 @@ impl Engine {
                     reason: format!("{e:#}"),
                 }
             })?;
-        let linker = linker(&wasmtime).map_err(|e| EngineError::Config {
+        let config_error = |e: wasmtime::Error| EngineError::Config {
             reason: format!("{e:#}"),
-        })?;
+        };
+        let linker = linker(&wasmtime).map_err(config_error)?;
+        let mut http_linker = Linker::new(&wasmtime);
+        http::add_to_linker(&mut http_linker).map_err(config_error)?;
         if let Some(dir) = &config.cache_dir {
             create_private_dir(dir).map_err(|source| EngineError::CacheDir {
                 path: dir.clone(),
@@ -117,6 +126,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 wasmtime,
                 linker,
+                http_linker,
                 config,
                 pagemap_scan,
                 compatibility,

@@ -18,14 +18,16 @@
 //! * [`schedule`] — cron parsing; [`metrics`] — the host's Prometheus metrics.
 
 pub mod capabilities;
+/// Dead-letter records (defined on the wire crate, shared with services and the CLI).
+pub use patchbay_bus::dlq;
+/// Invocation replies (defined on the wire crate, shared with the gateway and services).
+pub use patchbay_bus::reply;
 pub mod dispatch;
-pub mod dlq;
 pub mod engine;
 pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod registry;
-pub mod reply;
 pub mod schedule;
 pub(crate) mod triggers;
 pub mod world;
@@ -35,7 +37,7 @@ pub use triggers::status::{NodeStatus, ServedFunction};
 
 pub use capabilities::{HostCapabilities, MemoryCapabilities, PublishAllowList};
 pub use engine::{
-    Engine, EngineConfig, EngineError, FunctionCode, Invocation, InvocationStats, InvokeError,
+    Engine, EngineConfig, EngineError, FunctionCode, HttpCode, HttpInvokeError, HttpResponse, Invocation, InvocationStats, InvokeError,
     InvokeErrorKind, InvokeOutcome, LoadError,
 };
 pub use limits::Limits;

@@ -262,6 +262,11 @@ impl Node {
                 Ok(v) => v.clone(),
                 Err(e) => return tracing::error!(error = %e, "ignoring function spec"),
             };
+            if version.trigger.is_http() {
+                // Gateways run wasi:http components; a function that became one stops here.
+                tracing::debug!("not serving an HTTP function (gateways do)");
+                return self.remove(name.as_str());
+            }
             let current = self.function(name.as_str());
             if current.as_ref().is_some_and(|c| c.spec == version) {
                 return;

@@ -145,7 +145,21 @@ pub enum Trigger {
     },
     /// Only direct invocation (`patchbay.v1.fn.<name>.invoke`); every function has it.
     Invoke,
+    /// An HTTP route of the gateway: a `wasi:http/proxy` component run inside every
+    /// gateway process (no bus hop). `route` is an absolute path (`/hello`); a final
+    /// `/...` matches any path below it (`/api/...`). Runtime nodes do not serve these.
+    Http {
+        /// The route, e.g. `/hello` or `/crm/...`.
+        route: String,
+    },
 }
+
+/// Paths the gateway keeps for itself; no HTTP function route may lie under them (a
+/// catch-all `/...` may, and only gets what the gateway's own routes do not match).
+pub const RESERVED_HTTP_PREFIXES: [&str; 2] = ["/v1/", "/openapi.json"];
+
+/// The wildcard suffix of a prefix route.
+pub const HTTP_ROUTE_WILDCARD: &str = "/...";
 
 impl Trigger {
     /// Parse the CLI form: `subject:<s>`, `stream:<stream>:<subject>`, `schedule:<cron>`,
@@ -170,9 +184,13 @@ impl Trigger {
                 cron: rest.to_owned(),
             },
             "invoke" if rest.is_empty() => Self::Invoke,
+            "http" => Self::Http {
+                route: rest.to_owned(),
+            },
             _ => {
                 return Err(invalid(
-                    "expected subject:<subject>, stream:<stream>:<subject>, schedule:<cron> or invoke",
+                    "expected subject:<subject>, stream:<stream>:<subject>, schedule:<cron>, \
+                     http:<route> or invoke",
                 ));
             }
         };
@@ -200,6 +218,7 @@ impl Trigger {
             Self::Schedule { cron } => crate::schedule::Schedule::parse(cron)
                 .map(|_| ())
                 .map_err(|e| RegistryError::Invalid(e.to_string())),
+            Self::Http { route } => validate_route(route).map_err(RegistryError::Invalid),
             _ => Ok(()),
         }
     }
@@ -212,8 +231,53 @@ impl fmt::Display for Trigger {
             Self::Stream { stream, subject } => write!(f, "stream:{stream}:{subject}"),
             Self::Schedule { cron } => write!(f, "schedule:{cron}"),
             Self::Invoke => f.write_str("invoke"),
+            Self::Http { route } => write!(f, "http:{route}"),
         }
     }
+}
+
+impl Trigger {
+    /// Whether the function behind this trigger is a `wasi:http` component (run by
+    /// gateways) rather than an event handler (run by runtime nodes).
+    #[must_use]
+    pub fn is_http(&self) -> bool {
+        matches!(self, Self::Http { .. })
+    }
+}
+
+/// Check an HTTP route: absolute, plain path characters, no empty or dot segments, a
+/// wildcard only as the final `/...`, and outside the gateway's own prefixes.
+fn validate_route(route: &str) -> std::result::Result<(), String> {
+    let why = |reason: &str| Err(format!("route {route:?} {reason}"));
+    let base = route.strip_suffix(HTTP_ROUTE_WILDCARD).unwrap_or(route);
+    if !route.starts_with('/') {
+        return why("must start with '/'");
+    }
+    if base.contains("...") {
+        return why("may use '...' only as its final segment ('/api/...')");
+    }
+    let segments: Vec<&str> = base.split('/').skip(1).collect();
+    if base.len() > 1
+        && segments
+            .iter()
+            .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return why("has an empty, '.' or '..' segment");
+    }
+    if !base
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+    {
+        return why("may only use letters, digits, '/', '-', '_', '.' and '~'");
+    }
+    // The gateway's own routes win anyway; refusing overlaps makes that visible at deploy.
+    if let Some(reserved) = RESERVED_HTTP_PREFIXES.iter().find(|p| {
+        let own = p.trim_end_matches('/');
+        base == own || base.starts_with(*p)
+    }) {
+        return why(&format!("lies under the gateway's own {reserved}"));
+    }
+    Ok(())
 }
 
 /// Resource limits of one version.
@@ -547,6 +611,9 @@ mod tests {
             "stream:CC_RECORDINGS:cc.v1.recordings.*.completed",
             "schedule:*/5 * * * * *",
             "invoke",
+            "http:/hello",
+            "http:/crm/...",
+            "http:/...",
         ] {
             assert_eq!(Trigger::parse(text).unwrap().to_string(), text);
         }
@@ -561,6 +628,14 @@ mod tests {
             "stream:bad name:x",
             "schedule:not cron",
             "webhook:x",
+            "http:hello",
+            "http:/a//b",
+            "http:/a/../b",
+            "http:/a...b",
+            "http:/v1/events",
+            "http:/v1",
+            "http:/openapi.json",
+            "http:/has space",
         ] {
             assert!(Trigger::parse(bad).is_err(), "{bad} accepted");
         }

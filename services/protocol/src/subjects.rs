@@ -157,6 +157,8 @@ pub enum CcSubject {
         /// The call recorded.
         call: Token,
     },
+    /// `cc.v1.queues.stats`
+    QueueStats,
 }
 
 /// Builders and the parser for contact-centre subjects in one installation's subject
@@ -220,6 +222,14 @@ impl CcSubjects {
             .full(&format!("cc.v1.recordings.{call}.completed"))
     }
 
+    /// `cc.v1.queues.stats` — request-reply (dashboards, CLI → agents): the reply's data is
+    /// the JSON array of every queue's real-time statistics (`patchbay_agents::QueueStats`).
+    /// Core NATS only (no stream): statistics are only worth having fresh.
+    #[must_use]
+    pub fn queue_stats(&self) -> String {
+        self.subjects.full("cc.v1.queues.stats")
+    }
+
     /// Parse any contact-centre subject built by this type.
     pub fn parse(&self, subject: &str) -> Result<CcSubject> {
         let unrecognised = || SubjectError::Unrecognised {
@@ -243,6 +253,7 @@ impl CcSubjects {
                 event: AgentEvent::parse(event).ok_or_else(unrecognised)?,
             },
             ["cc", "v1", "customers", "lookup"] => CcSubject::CustomerLookup,
+            ["cc", "v1", "queues", "stats"] => CcSubject::QueueStats,
             ["cc", "v1", "recordings", call, "completed"] => {
                 CcSubject::RecordingCompleted { call: token(call)? }
             }
@@ -263,6 +274,7 @@ mod tests {
         let agent = Token::new("agent_7").unwrap();
         let mut all = vec![
             (s.customer_lookup(), CcSubject::CustomerLookup),
+            (s.queue_stats(), CcSubject::QueueStats),
             (
                 s.recording_completed(&call),
                 CcSubject::RecordingCompleted { call: call.clone() },
@@ -334,6 +346,7 @@ mod tests {
             "cc.v2.calls.c1.incoming",
             "cc.v1.agents.a.cmd.fly",
             "cc.v1.customers",
+            "cc.v1.queues.stats.extra",
         ] {
             assert!(s.parse(bad).is_err(), "{bad} parsed");
         }

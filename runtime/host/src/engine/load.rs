@@ -138,7 +138,7 @@ impl Engine {
             });
         }
         check_header(bytes)?;
-        let digest = hex::encode(Sha256::digest(bytes));
+        let digest = digest_of(bytes);
         if let Some(code) = self.loaded(&digest) {
             return Ok(code);
         }
@@ -174,7 +174,7 @@ impl Engine {
         Some(FunctionCode { inner })
     }
 
-    fn compile_or_read_cache(
+    pub(super) fn compile_or_read_cache(
         &self,
         digest: &str,
         bytes: &[u8],
@@ -255,9 +255,14 @@ impl Engine {
     }
 }
 
+/// Lower-case hex sha256 of component bytes.
+pub(super) fn digest_of(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// Tell "not wasm", "core module" and "component" apart by the 8-byte header, so that the
 /// error names the real problem instead of a validation failure.
-fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+pub(super) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     const MAGIC: &[u8; 4] = b"\0asm";
     const CORE_VERSION: u16 = 1;
     const CORE_LAYER: u16 = 0;

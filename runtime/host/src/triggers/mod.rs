@@ -77,8 +77,9 @@ pub(crate) fn start(node: Arc<Node>, function: Token, trigger: Trigger, stop: Ca
             schedule::ScheduleTrigger { function, cron },
             stop,
         ),
-        // Direct invocation is served for every function by one shared subscription.
-        Trigger::Invoke => {}
+        // Direct invocation is served for every function by one shared subscription;
+        // HTTP functions by gateways (the node never gets this far with one).
+        Trigger::Invoke | Trigger::Http { .. } => {}
     }
 }
 

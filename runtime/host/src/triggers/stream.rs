@@ -153,8 +153,8 @@ async fn handle(
     .await;
 }
 
-/// Move `msg` to PATCHBAY_DLQ with its context, then terminate it. If the dead letter
-/// cannot be stored the message is nak'ed instead, so it is never lost.
+/// Move `msg` to PATCHBAY_DLQ with its context, then terminate it (nak instead when the
+/// dead letter cannot be stored, so it is never lost).
 async fn dead_letter(
     node: &Node,
     f: &Deployed,
@@ -175,54 +175,13 @@ async fn dead_letter(
         node: &node.name,
         time_millis: node.bus.clock().now_millis(),
     };
-    let mut headers = record.headers(msg.headers.as_ref());
-    // A message that came without trace context was processed in a new root trace (the
-    // current span's); record that one, so every dead letter leads to its trace.
-    if headers.get(crate::dlq::TRACE_ID).is_none()
-        && let Some(trace_id) = patchbay_bus::trace::span_trace_id(&tracing::Span::current())
-    {
-        headers.insert(crate::dlq::TRACE_ID, trace_id.as_str());
+    if patchbay_bus::dlq::dead_letter(&node.bus, &f.name, msg, &record).await {
+        node.metrics
+            .dead_letters
+            .with_label_values(&[f.name.as_str(), &f.spec.version.to_string()])
+            .inc();
+        tracing::warn!(%reason, attempts, "dead-lettered");
     }
-    let dedup = if source.is_empty() {
-        format!("dlq:{}:{}", f.name, payload_digest(msg))
-    } else {
-        format!("dlq:{source}")
-    };
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, dedup.as_str());
-    let dlq = node.bus.subjects().dlq(&f.name);
-    let stored = async {
-        node.bus
-            .jetstream()
-            .publish_with_headers(dlq.clone(), headers, msg.payload.clone())
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    }
-    .await;
-    match stored {
-        Ok(_) => {
-            node.metrics
-                .dead_letters
-                .with_label_values(&[f.name.as_str(), &f.spec.version.to_string()])
-                .inc();
-            tracing::warn!(%reason, attempts, "dead-lettered");
-            if let Err(e) = msg.ack_with(AckKind::Term).await {
-                tracing::warn!(error = %e, "term failed after dead-lettering");
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot store dead letter; will retry the message");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
-    }
-}
-
-/// De-duplication key for a dead letter whose stream position is unknown.
-fn payload_digest(msg: &async_nats::jetstream::Message) -> String {
-    crate::registry::digest(&msg.payload)
 }
 
 #[cfg(test)]

@@ -4,8 +4,17 @@
 //! included — plus `patchbay-dlq-*` headers saying which function and version gave up on
 //! it, after how many attempts, why, and on which subject it first arrived, so
 //! `patchbay fn dlq replay` can put it back exactly where it came from.
+//!
+//! [`dead_letter`] is the one way a stream consumer — a runtime node's trigger or a core
+//! service — moves a message it gives up on to `patchbay.v1.dlq.<owner>`.
+
+use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::Message;
+
+use crate::{Bus, Token};
 
 /// Function that dead-lettered the message.
 pub const FUNCTION: &str = "patchbay-dlq-function";
@@ -79,7 +88,7 @@ impl DeadLetter<'_> {
         }
         headers.insert(ATTEMPTS, self.attempts.to_string().as_str());
         headers.insert(ERROR, self.error.replace(['\r', '\n'], " ").as_str());
-        if let Some(t) = patchbay_bus::trace::trace_id(original) {
+        if let Some(t) = crate::trace::trace_id(original) {
             headers.insert(TRACE_ID, t.as_str());
         }
         headers.insert(SUBJECT, self.subject);
@@ -90,6 +99,57 @@ impl DeadLetter<'_> {
         headers.insert(TIME, self.time_millis.to_string().as_str());
         headers
     }
+}
+
+/// Store `msg` in PATCHBAY_DLQ (subject `patchbay.v1.dlq.<owner>`) as `record` says,
+/// then terminate it. A message that arrived without trace context gets the trace id of
+/// the current span (the root it was processed in), so every dead letter leads to a
+/// trace. When the record cannot be stored the message is nak'ed instead (redelivered in
+/// a second), so it is never lost. Returns whether the dead letter was stored.
+pub async fn dead_letter(bus: &Bus, owner: &Token, msg: &Message, record: &DeadLetter<'_>) -> bool {
+    let mut headers = record.headers(msg.headers.as_ref());
+    if headers.get(TRACE_ID).is_none()
+        && let Some(trace_id) = crate::trace::span_trace_id(&tracing::Span::current())
+    {
+        headers.insert(TRACE_ID, trace_id.as_str());
+    }
+    // The stream position identifies the message; without one, its bytes do.
+    let dedup = match &record.source {
+        Some(source) => format!("dlq:{source}"),
+        None => format!("dlq:{owner}:{}", payload_digest(&msg.payload)),
+    };
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, dedup.as_str());
+    let subject = bus.subjects().dlq(owner);
+    let stored = async {
+        bus.jetstream()
+            .publish_with_headers(subject, headers, msg.payload.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match stored {
+        Ok(_) => {
+            if let Err(e) = msg.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "term failed after dead-lettering");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store dead letter; will retry the message");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            false
+        }
+    }
+}
+
+/// A short stable digest of a payload (FNV-1a, hex) for de-duplication keys.
+fn payload_digest(payload: &[u8]) -> String {
+    let hash = payload.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// The headers to re-publish a dead letter with: the original ones, without the

@@ -1,0 +1,467 @@
+//! The `/v1` routes onto the bus: publish an event, send a request, invoke a function.
+//!
+//! Every route authenticates first (no body is read for a refused caller), bounds the body,
+//! turns the HTTP request into a CloudEvent (both content modes of the CloudEvents HTTP
+//! binding), derives the bus deadline from `Request-Timeout` (or the default), and maps
+//! what the bus says into a status and an RFC 9457 problem.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode};
+use patchbay_bus::client::{PublishError, RequestErrorKind, RequestOptions};
+use patchbay_bus::event::STRUCTURED_CONTENT_TYPE;
+use patchbay_bus::{CloudEvent, Deadline, EventError, Token};
+use patchbay_host::reply::{ErrorKind, FailureReply, InvokeReply, OUTCOME_HEADER};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::problem::{Problem, ProblemBody};
+use crate::server::Shared;
+
+/// Header giving the caller's deadline in milliseconds from now.
+pub const REQUEST_TIMEOUT_HEADER: &str = "request-timeout";
+/// Media type of CloudEvents batches, which the gateway does not accept (one event per
+/// request keeps acknowledgements exact).
+const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+/// Event type given to a request or invocation body sent without CloudEvents headers.
+pub const DEFAULT_REQUEST_TYPE: &str = "patchbay.http.request.v1";
+
+/// The answer to a published event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Published {
+    /// The event id (`ce-id`).
+    pub id: String,
+    /// The subject it was published on (without the installation prefix).
+    pub subject: String,
+    /// The stream that stored it (durable subjects only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// Its sequence number in that stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// True when the stream had already stored an event with this id (de-duplicated).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// Publish a CloudEvent on a subject.
+///
+/// Structured mode (`Content-Type: application/cloudevents+json`, the whole event as JSON)
+/// or binary mode (`ce-id`, `ce-source`, `ce-type`, `ce-specversion` headers; the body is
+/// the data, `Content-Type` its media type). Subjects stored by a JetStream stream answer
+/// 201 once the stream acknowledged; other subjects 202 (at most once).
+#[utoipa::path(
+    post,
+    path = "/v1/events/{subject}",
+    tag = "bus",
+    params(
+        ("subject" = String, Path, description = "NATS subject, no wildcards (e.g. cc.v1.calls.c-1.incoming)"),
+        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds"),
+    ),
+    request_body(description = "The whole event (structured mode) or its data (binary mode, with ce-* headers)",
+        content(
+            (String = "application/cloudevents+json"),
+            (String = "application/json"),
+            (Vec<u8> = "application/octet-stream"),
+        )),
+    responses(
+        (status = 201, description = "Stored by a stream", body = Published),
+        (status = 202, description = "Published on a core subject (at most once)", body = Published),
+        (status = 400, description = "Not a valid CloudEvent or subject", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Token may not publish here", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Batch mode is not accepted", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The bus is unavailable", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn publish_event(
+    State(state): State<Shared>,
+    Path(subject): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    check_subject(&subject)?;
+    caller.may_publish(&subject)?;
+    let deadline = deadline(&state, &headers)?;
+    let data = read_body(body, &headers, state.config.max_body_bytes).await?;
+    let event = cloud_event(&headers, data)?;
+    let full = state.bus.subjects().full(&subject);
+    let stream = state.streams.stream_for(&state.bus, &full).await;
+    let published = match stream {
+        Some(stream) => {
+            let ack = state
+                .bus
+                .publish_durable(&full, &event, Some(deadline))
+                .await
+                .map_err(publish_problem)?;
+            let answer = Published {
+                id: event.id,
+                subject,
+                stream: Some(stream),
+                sequence: Some(ack.sequence),
+                duplicate: ack.duplicate,
+            };
+            (StatusCode::CREATED, Json(answer)).into_response()
+        }
+        None => {
+            state
+                .bus
+                .publish(&full, &event, Some(deadline))
+                .await
+                .map_err(publish_problem)?;
+            let answer = Published {
+                id: event.id,
+                subject,
+                stream: None,
+                sequence: None,
+                duplicate: false,
+            };
+            (StatusCode::ACCEPTED, Json(answer)).into_response()
+        }
+    };
+    Ok(published)
+}
+
+/// Send a request on a subject and return the reply.
+///
+/// The body becomes a CloudEvent as for `/v1/events` — or, without any `ce-*` header, the
+/// data of a new event of type `patchbay.http.request.v1`. The reply's data is the
+/// response body, its CloudEvents attributes `ce-*` response headers.
+#[utoipa::path(
+    post,
+    path = "/v1/request/{subject}",
+    tag = "bus",
+    params(
+        ("subject" = String, Path, description = "NATS subject, no wildcards"),
+        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds"),
+    ),
+    request_body(description = "Request data, or a CloudEvent in either mode",
+        content(
+            (String = "application/json"),
+            (String = "application/cloudevents+json"),
+            (Vec<u8> = "application/octet-stream"),
+        )),
+    responses(
+        (status = 200, description = "The reply"),
+        (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Token may not publish here", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "A function declined the event (retry, dead-letter or drop)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "The responder failed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "No responders", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "Deadline passed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn request(
+    State(state): State<Shared>,
+    Path(subject): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    check_subject(&subject)?;
+    caller.may_publish(&subject)?;
+    let full = state.bus.subjects().full(&subject);
+    forward(&state, &full, &headers, body).await
+}
+
+/// Invoke a deployed event function with one event and return its outputs.
+#[utoipa::path(
+    post,
+    path = "/v1/functions/{name}/invoke",
+    tag = "functions",
+    params(
+        ("name" = String, Path, description = "Function name"),
+        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds"),
+    ),
+    request_body(description = "Event data, or a CloudEvent in either mode",
+        content(
+            (String = "application/json"),
+            (String = "application/cloudevents+json"),
+            (Vec<u8> = "application/octet-stream"),
+        )),
+    responses(
+        (status = 200, description = "The function's outputs (`outcome: ok`)"),
+        (status = 400, description = "Not a valid event", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "Token may not invoke this function", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such function", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "The function declined the event", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "The function trapped or failed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "No runtime node is serving", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "Deadline passed", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn invoke(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let function = Token::new(name.as_str())
+        .map_err(|e| Problem::bad_request(format!("function name {name:?}: {e}")))?;
+    caller.may_invoke(function.as_str())?;
+    if state.functions.route_of(function.as_str()).is_some() {
+        return Err(Problem::not_found().with_detail(format!(
+            "{name:?} is an HTTP function: call its route instead"
+        )));
+    }
+    let subject = state.bus.subjects().fn_invoke(&function);
+    forward(&state, &subject, &headers, body).await
+}
+
+/// Send the request, map the reply.
+async fn forward(
+    state: &Shared,
+    subject: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let deadline = deadline(state, headers)?;
+    let data = read_body(body, headers, state.config.max_body_bytes).await?;
+    let event = request_event(state, headers, data)?;
+    let options = RequestOptions::timeout(state.config.max_timeout).deadline(Some(deadline));
+    let reply = state
+        .bus
+        .request(subject, &event, options)
+        .await
+        .map_err(|e| match e.kind {
+            RequestErrorKind::NoResponders => {
+                Problem::service_unavailable(format!("nothing is serving {subject}"))
+            }
+            RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
+                Problem::gateway_timeout(format!("no reply from {subject} before the deadline"))
+            }
+            RequestErrorKind::TooLarge => Problem::payload_too_large(state.bus.max_payload() as u64),
+            RequestErrorKind::Other => {
+                tracing::warn!(error = %e, "request failed");
+                Problem::internal()
+            }
+        })?;
+    Ok(reply_response(reply))
+}
+
+/// A runtime node's reply (it carries `patchbay-outcome`) maps by outcome; any other
+/// responder's reply is passed through as a CloudEvent in binary mode.
+fn reply_response(reply: async_nats::Message) -> Response {
+    let outcome = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(OUTCOME_HEADER))
+        .map(|v| v.as_str().to_owned());
+    if outcome.is_none() {
+        return passthrough(reply);
+    }
+    match serde_json::from_slice::<InvokeReply>(&reply.payload) {
+        Ok(InvokeReply::Ok { .. }) => (
+            StatusCode::OK,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            reply.payload,
+        )
+            .into_response(),
+        Ok(InvokeReply::Failure {
+            function, failure, ..
+        }) => {
+            let (kind, reason) = match &failure {
+                FailureReply::Retry { reason, .. } => ("retry", reason),
+                FailureReply::DeadLetter { reason } => ("dead-letter", reason),
+                FailureReply::Drop { reason } => ("drop", reason),
+            };
+            Problem::unprocessable(format!("{function} declined the event ({kind}): {reason}"))
+                .into_response()
+        }
+        Ok(InvokeReply::Error {
+            function,
+            kind,
+            message,
+            ..
+        }) => error_problem(&function, kind, &message).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable reply from a runtime node");
+            Problem::internal().into_response()
+        }
+    }
+}
+
+fn error_problem(function: &str, kind: ErrorKind, message: &str) -> Problem {
+    match kind {
+        ErrorKind::UnknownFunction => {
+            Problem::not_found().with_detail(format!("no function named {function:?} is deployed"))
+        }
+        ErrorKind::BadInput => Problem::bad_request(message.to_owned()),
+        ErrorKind::DeadlineExceeded | ErrorKind::Timeout => {
+            Problem::gateway_timeout(format!("{function} did not finish before the deadline"))
+        }
+        ErrorKind::Overloaded => {
+            Problem::service_unavailable(format!("{function} is at its concurrency limit"))
+        }
+        // Traps, memory, forbidden outputs, internal errors: details stay in the logs
+        // and traces of the node, not in a response to an external caller.
+        ErrorKind::OutOfMemory | ErrorKind::Trap | ErrorKind::ForbiddenOutput | ErrorKind::Internal => {
+            tracing::warn!(function, ?kind, message, "function failed");
+            Problem::internal()
+        }
+    }
+}
+
+fn passthrough(reply: async_nats::Message) -> Response {
+    let mut response = Response::new(Body::from(reply.payload.clone()));
+    if let Ok(event) = CloudEvent::from_message(reply.headers.as_ref(), &reply.payload) {
+        let out = response.headers_mut();
+        let mut ce = async_nats::HeaderMap::new();
+        event.write_headers(&mut ce);
+        for (name, values) in ce.iter() {
+            let name: &str = name.as_ref();
+            if let (Ok(name), Some(value)) = (
+                http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
+                values.last().and_then(|v| http::HeaderValue::from_str(v.as_str()).ok()),
+            ) {
+                out.insert(name, value);
+            }
+        }
+    }
+    response
+}
+
+fn publish_problem(error: PublishError) -> Problem {
+    match error {
+        PublishError::TooLarge { max, .. } => Problem::payload_too_large(max as u64),
+        PublishError::Event(e) => Problem::bad_request(e.to_string()),
+        other => {
+            tracing::warn!(error = %other, "publish failed");
+            Problem::service_unavailable("the bus did not take the event; retry")
+        }
+    }
+}
+
+/// A literal subject: valid, no wildcards.
+fn check_subject(subject: &str) -> Result<(), Problem> {
+    let wildcard = subject.split('.').any(|t| t == "*" || t == ">");
+    if wildcard || !patchbay_bus::subject::is_valid_pattern(subject) {
+        return Err(Problem::bad_request(format!(
+            "{subject:?} is not a valid subject (dot-separated tokens, no wildcards)"
+        )));
+    }
+    Ok(())
+}
+
+/// The caller's time budget: `Request-Timeout` (ms, capped at the configured maximum) or
+/// the default timeout.
+pub(crate) fn timeout(state: &Shared, headers: &HeaderMap) -> Result<Duration, Problem> {
+    let Some(value) = headers.get(REQUEST_TIMEOUT_HEADER) else {
+        return Ok(state.config.default_timeout);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| {
+            Problem::bad_request("Request-Timeout must be a positive number of milliseconds")
+        })?;
+    Ok(Duration::from_millis(ms).min(state.config.max_timeout))
+}
+
+/// The bus deadline of this request (`patchbay-deadline` on every message it causes).
+fn deadline(state: &Shared, headers: &HeaderMap) -> Result<Deadline, Problem> {
+    Ok(Deadline::after(state.bus.clock(), timeout(state, headers)?))
+}
+
+/// The whole body, refused with 413 past `limit` (at once when `Content-Length` says so).
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, Problem> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(Problem::payload_too_large(limit as u64));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Problem::payload_too_large(limit as u64))
+}
+
+/// The CloudEvent of a `/v1/events` request, in either content mode.
+fn cloud_event(headers: &HeaderMap, data: Bytes) -> Result<CloudEvent, EventProblem> {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if media == BATCH_CONTENT_TYPE {
+        return Err(EventProblem::Batch);
+    }
+    if media == STRUCTURED_CONTENT_TYPE {
+        return CloudEvent::from_structured(&data).map_err(EventProblem::Event);
+    }
+    CloudEvent::from_message(Some(&nats_headers(headers)), &data).map_err(EventProblem::Event)
+}
+
+/// A request or invocation body: a CloudEvent when the caller sent one, else the body as
+/// the data of a new event from this gateway.
+fn request_event(state: &Shared, headers: &HeaderMap, data: Bytes) -> Result<CloudEvent, Problem> {
+    let has_ce = headers.keys().any(|k| k.as_str().starts_with("ce-"));
+    let structured = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with(STRUCTURED_CONTENT_TYPE));
+    if has_ce || structured {
+        return Ok(cloud_event(headers, data)?);
+    }
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    Ok(CloudEvent::new(state.bus.source(), DEFAULT_REQUEST_TYPE).data(content_type, data))
+}
+
+/// The HTTP headers a CloudEvent is read from, as NATS headers.
+fn nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
+    let mut out = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if (name.starts_with("ce-") || name == "content-type")
+            && let Ok(value) = value.to_str()
+        {
+            out.insert(name, value);
+        }
+    }
+    out
+}
+
+/// Why a request is not a CloudEvent.
+#[derive(Debug, thiserror::Error)]
+enum EventProblem {
+    #[error("{0}")]
+    Event(EventError),
+    #[error("batched CloudEvents ({BATCH_CONTENT_TYPE}) are not accepted: send one event per request")]
+    Batch,
+}
+
+impl From<EventProblem> for Problem {
+    fn from(e: EventProblem) -> Self {
+        match e {
+            EventProblem::Batch => Problem::typed(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            )
+            .with_detail(e.to_string()),
+            EventProblem::Event(_) => Problem::bad_request(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,811 @@
+//! The NATS adapter: one task owns the [`Engine`], feeds it the inputs of two durable
+//! consumers, publishes what it decides, persists it, and only then acknowledges.
+//!
+//! # Inputs
+//!
+//! Two durable pull consumers named `agents`, declared in `deploy/streams.toml` and created
+//! by the admin bootstrap (this identity may only bind, pull and ack): on `CC_CALLS`
+//! (`cc.v1.calls.*.routed`, `.hangup`; a `.closed` is acknowledged and counted, since a
+//! closed call is never queued) and on `CC_AGENT_CMDS` (`cc.v1.agents.*.cmd.>`). Both
+//! message streams are merged into one; the engine task takes a **batch** — everything
+//! already delivered, up to [`AgentsConfig::max_batch`] — and applies it input by input at
+//! the injected clock's `now`. A timer wakes the task at [`Engine::next_due`] to
+//! [`Engine::tick`] (offer timeouts, wrap-up ends, overflow, relaxation).
+//!
+//! # Persistence: snapshot after batch
+//!
+//! For each batch, in this order:
+//!
+//! 1. **apply** every input, collecting the outputs;
+//! 2. **publish** every output to its stream (`CC_CALLS` / `CC_AGENTS`) and wait for the
+//!    stream's acks; `Nats-Msg-Id` = [`crate::engine::Output::id`], deterministic
+//!    (`call-<call>-<seq>`), so a re-publish is stored once;
+//! 3. **snapshot**: write the whole engine ([`crate::store::Stored`]: engine state + the
+//!    stream sequences applied per consumer), zlib-compressed, to KV `cc-agents` key
+//!    `engine`, as an update *at the revision this instance last wrote*;
+//! 4. **ack** the batch's inputs (and terminate its bad ones).
+//!
+//! Why a whole snapshot rather than a log of changes: the engine's state is small (a few
+//! hundred KiB compressed for 5,000 agents), a snapshot is one atomic KV write, and restore
+//! is [`Engine::restore`] — offers with their deadlines, wrap-up deadlines, queue order and
+//! counters, all in one value, with no replay logic to get wrong. Batching amortises it:
+//! under load one snapshot covers up to `max_batch` inputs.
+//!
+//! What a crash (kill -9) at each point does:
+//!
+//! * before 2 finishes: nothing was acked; the inputs are redelivered (after the consumer's
+//!   `ack_wait`) and applied again to the last snapshot. Outputs that had been stored are
+//!   de-duplicated by id. Caveat: a replay can decide differently (another agent became
+//!   free meanwhile); the stream keeps the *first* event under an id, so the stream may then
+//!   show a decision the engine no longer holds. Replays are counted
+//!   (`patchbay_agents_replayed_outputs_total`) and logged; an offer that only the engine
+//!   knows times out (missed) and is re-offered, so no call is stuck.
+//! * between 2 and 3: as above; every output is de-duplicated.
+//! * between 3 and 4: the snapshot holds the batch but the inputs are redelivered; their
+//!   stream sequences are in the snapshot, so they are acked without being applied.
+//! * after 4: nothing to redo.
+//!
+//! So no queued call, reservation deadline or wrap-up deadline is lost, and a call is never
+//! offered to two agents: only the engine makes offers, and the engine that restarts is the
+//! one that was persisted. Inputs redelivered after a crash can arrive *after* newer
+//! ones; the applied sequences are therefore a set above the consumer's ack floor, not a
+//! single high-water mark (see [`crate::store::AppliedSeqs`]).
+//!
+//! **Fencing**: every snapshot write is a compare-and-set on the KV revision. If it fails,
+//! another instance wrote since — two engines are running. This one logs loudly and stops
+//! (its unacked batch is redelivered to the other); it never overwrites.
+//!
+//! # Bad input and redeliveries
+//!
+//! A message that is not a CloudEvent, is not the JSON its subject calls for, names another
+//! call or agent than its subject, or that the engine refuses ([`crate::EngineError`]) is
+//! terminated (never redelivered forever), logged with its reason and stream position and
+//! counted in `patchbay_agents_rejected_total{reason}`; the rest of the batch goes on. An
+//! input the engine [ignores](crate::Ignored) (a redelivery already reflected, a race) is
+//! acked, logged at debug level and counted.
+//!
+//! # Traces, statistics, shutdown
+//!
+//! Each input is handled in a `process` span continuing the trace it carries, and each of
+//! its outputs is published inside that span; outputs of timers get a root span `tick`.
+//! Queue statistics ([`crate::stats::QueueStats`]) are exported as `patchbay_cc_queue_*`
+//! gauges every [`AgentsConfig::stats_interval`] and after each batch, and answered on
+//! `cc.v1.queues.stats` (request-reply, a CloudEvent whose data is the JSON array). On
+//! shutdown the task stops pulling, finishes the batch in hand — plus whatever was already
+//! delivered — (publish, snapshot, ack) and returns.
+//!
+//! Not here: the decisions (the engine), the stored format (`store`), message decoding
+//! (`input`), creating streams, consumers or the bucket (the admin bootstrap).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use futures::{FutureExt as _, Stream, StreamExt as _};
+use patchbay_bus::trace;
+use patchbay_bus::{Bus, BusConfig, Clock, CloudEvent, SystemClock, Token};
+use patchbay_protocol::CcSubjects;
+use patchbay_telemetry::{Metrics, ReadyFlag};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::engine::{Aggregate, Engine, EngineConfig, Ignored, Output};
+use crate::input::{self, BadInput, Decoded};
+use crate::metrics::AgentsMetrics;
+use crate::store::{AppliedSeqs, SNAPSHOT_KEY, SnapshotStore, StoreError, Stored};
+
+/// The stream of call events.
+pub const CALLS_STREAM: &str = "CC_CALLS";
+/// The stream of agent commands.
+pub const COMMANDS_STREAM: &str = "CC_AGENT_CMDS";
+/// The durable consumer name on both streams (declared in `deploy/streams.toml`).
+pub const CONSUMER: &str = "agents";
+/// The KV bucket holding the snapshot.
+pub const BUCKET: &str = "cc-agents";
+/// The NATS micro service name (answers `$SRV.PING|INFO|STATS.agents`).
+pub const SERVICE_NAME: &str = "agents";
+/// CloudEvent type of a `cc.v1.queues.stats` reply (data: JSON array of `QueueStats`).
+pub const QUEUE_STATS_TYPE: &str = "cc.queue.stats.v1";
+/// Queue group of the statistics responders, so one instance answers each request.
+const STATS_QUEUE_GROUP: &str = "agents";
+
+/// How to run the agents service.
+#[derive(Clone)]
+pub struct AgentsConfig {
+    /// Bus connection (identity `service/agents`).
+    pub bus: BusConfig,
+    /// Engine settings (`deploy/agents.toml`).
+    pub engine: EngineConfig,
+    /// `(stream, consumer)` of call events.
+    pub calls: (String, String),
+    /// `(stream, consumer)` of agent commands.
+    pub commands: (String, String),
+    /// KV bucket of the snapshot.
+    pub bucket: String,
+    /// Most inputs applied per batch (one snapshot per batch).
+    pub max_batch: usize,
+    /// How often the queue gauges are refreshed and the consumers' ack floors read.
+    pub stats_interval: Duration,
+    /// The engine's clock (milliseconds since the epoch).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AgentsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentsConfig")
+            .field("bus", &self.bus)
+            .field("engine", &self.engine)
+            .field("calls", &self.calls)
+            .field("commands", &self.commands)
+            .field("bucket", &self.bucket)
+            .field("max_batch", &self.max_batch)
+            .field("stats_interval", &self.stats_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentsConfig {
+    /// Defaults: `CC_CALLS`/`agents`, `CC_AGENT_CMDS`/`agents`, bucket `cc-agents`, batches
+    /// of 256, statistics every second, the system clock.
+    #[must_use]
+    pub fn new(bus: BusConfig, engine: EngineConfig) -> Self {
+        Self {
+            bus,
+            engine,
+            calls: (CALLS_STREAM.into(), CONSUMER.into()),
+            commands: (COMMANDS_STREAM.into(), CONSUMER.into()),
+            bucket: BUCKET.into(),
+            max_batch: 256,
+            stats_interval: Duration::from_secs(1),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// One bound consumer: its key in the snapshot (`STREAM/consumer`) and handle.
+struct Source {
+    key: String,
+    consumer: PullConsumer,
+}
+
+type Inputs = Pin<Box<dyn Stream<Item = (usize, Result<Message, String>)> + Send>>;
+
+/// Run the agents service until `shutdown` resolves: then stop pulling, finish the batch
+/// in hand (publish, snapshot, ack) and return. Errors: cannot connect, bind or load the
+/// snapshot; another instance wrote the snapshot (fenced); the snapshot outgrew the
+/// server's max payload.
+pub async fn run(
+    config: AgentsConfig,
+    metrics: &Metrics,
+    ready: ReadyFlag,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = AgentsMetrics::register(metrics).context("cannot register the agents metrics")?;
+    let bus = patchbay_bus::connect(&config.bus)
+        .await
+        .context("agents cannot connect to NATS")?
+        .with_clock(Arc::clone(&config.clock));
+    let cc = CcSubjects::new(bus.subjects().clone());
+    let js = bus.jetstream();
+
+    let mut store = SnapshotStore::open(&js, &config.bucket, SNAPSHOT_KEY, bus.max_payload())
+        .await
+        .context("cannot open the snapshot bucket")?;
+    let (engine, applied) = match store.load().await.context("cannot load the snapshot")? {
+        Some(stored) => {
+            tracing::info!(
+                revision = store.revision(),
+                saved_at_ms = stored.saved_at_ms,
+                calls = stored.engine.active_calls(),
+                "engine restored from the snapshot"
+            );
+            (
+                Engine::restore(config.engine.clone(), stored.engine),
+                stored.applied,
+            )
+        }
+        None => {
+            tracing::info!("no snapshot yet: starting with an empty engine");
+            (Engine::new(config.engine.clone()), BTreeMap::new())
+        }
+    };
+
+    let mut sources = Vec::new();
+    let mut streams: Vec<Inputs> = Vec::new();
+    for (index, (stream, name)) in [&config.calls, &config.commands].into_iter().enumerate() {
+        let mut consumer: PullConsumer = js
+            .get_consumer_from_stream(name, stream)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot bind to consumer {name:?} on stream {stream:?} (it is created by the admin bootstrap, `patchbay up` / `patchbay bootstrap`)"
+                )
+            })?;
+        if index == 0 {
+            check_calls_filter(&mut consumer, &cc).await;
+        }
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(config.max_batch.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .with_context(|| format!("cannot pull from consumer {name:?} on {stream:?}"))?;
+        streams.push(Box::pin(
+            messages.map(move |m| (index, m.map_err(|e| e.to_string()))),
+        ));
+        sources.push(Source {
+            key: format!("{stream}/{name}"),
+            consumer,
+        });
+    }
+    let mut inputs: Inputs = Box::pin(futures::stream::select_all(streams));
+
+    let mut stats_requests = bus
+        .client()
+        .queue_subscribe(cc.queue_stats(), STATS_QUEUE_GROUP.into())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to {}: {e}", cc.queue_stats()))?;
+
+    // Discovery is a convenience: a refused subscription must not stop the engine.
+    let service = {
+        use async_nats::service::ServiceExt as _;
+        match bus
+            .client()
+            .service_builder()
+            .description("Patchbay agent assignment")
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+        {
+            Ok(service) => Some(service),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register for $SRV discovery");
+                None
+            }
+        }
+    };
+
+    let stop = CancellationToken::new();
+    let mut worker = Worker {
+        bus: bus.clone(),
+        cc,
+        engine,
+        applied,
+        store,
+        sources,
+        metrics,
+        clock: Arc::clone(&config.clock),
+        stop: stop.clone(),
+    };
+    worker.refresh_gauges();
+    ready.set_ready(true);
+    tracing::info!(
+        calls = %worker.sources[0].key,
+        commands = %worker.sources[1].key,
+        "bound to the consumers; assigning calls"
+    );
+
+    let max_batch = config.max_batch.max(1);
+    let mut refresh = tokio::time::interval(config.stats_interval);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let result: anyhow::Result<()> = async {
+        loop {
+            let wait = worker.time_to_next_due();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!("shutting down: no new inputs are pulled");
+                    stop.cancel();
+                    break;
+                }
+                first = inputs.next() => {
+                    let Some(first) = first else {
+                        anyhow::bail!("the consumers' message streams ended");
+                    };
+                    let batch = collect_batch(first, &mut inputs, max_batch);
+                    worker.process(batch).await?;
+                }
+                () = sleep_or_forever(wait) => worker.tick().await?,
+                Some(request) = stats_requests.next() => worker.answer_stats(request).await,
+                _ = refresh.tick() => {
+                    worker.refresh_gauges();
+                    worker.refresh_floors().await;
+                }
+            }
+        }
+        // What was already delivered is applied, persisted and acked rather than left to
+        // time out: a redelivery after `ack_wait` would come after newer inputs.
+        let mut rest = Vec::new();
+        while let Some(Some(item)) = inputs.next().now_or_never() {
+            rest.push(item);
+        }
+        while !rest.is_empty() {
+            let chunk: Vec<_> = rest.drain(..rest.len().min(max_batch)).collect();
+            worker.process(chunk).await?;
+        }
+        Ok(())
+    }
+    .await;
+
+    stop.cancel();
+    ready.set_ready(false);
+    if let Some(service) = service {
+        let _ = service.stop().await;
+    }
+    if let Err(e) = bus.client().flush().await {
+        tracing::warn!(error = %e, "flush on shutdown failed");
+    }
+    match &result {
+        Ok(()) => tracing::info!("agents stopped"),
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "agents stopped on an error"),
+    }
+    result
+}
+
+/// The first message plus whatever else is already delivered, up to `max`.
+fn collect_batch(
+    first: (usize, Result<Message, String>),
+    inputs: &mut Inputs,
+    max: usize,
+) -> Vec<(usize, Result<Message, String>)> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match inputs.next().now_or_never() {
+            Some(Some(item)) => batch.push(item),
+            _ => break,
+        }
+    }
+    batch
+}
+
+async fn sleep_or_forever(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Warn when the calls consumer does not filter on what the engine consumes: it would
+/// then terminate every other call event it is handed.
+async fn check_calls_filter(consumer: &mut PullConsumer, cc: &CcSubjects) {
+    use patchbay_protocol::CallEvent;
+    let info = match consumer.info().await {
+        Ok(info) => info.clone(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the calls consumer's configuration");
+            return;
+        }
+    };
+    let mut filters = info.config.filter_subjects.clone();
+    if !info.config.filter_subject.is_empty() {
+        filters.push(info.config.filter_subject.clone());
+    }
+    let wanted = [
+        cc.call_all(CallEvent::Routed),
+        cc.call_all(CallEvent::Hangup),
+    ];
+    let extra: Vec<&String> = filters
+        .iter()
+        .filter(|f| !wanted.contains(f) && **f != cc.call_all(CallEvent::Closed))
+        .collect();
+    if filters.is_empty() || !extra.is_empty() || !wanted.iter().all(|w| filters.contains(w)) {
+        tracing::warn!(
+            ?filters,
+            expected = ?wanted,
+            "the agents consumer on the calls stream does not filter on routed and hangup events only; other events will be rejected"
+        );
+    }
+}
+
+/// What became of one consumed message in a batch.
+enum Settle {
+    Ack(Message),
+    Term(Message),
+}
+
+/// The engine task's state.
+struct Worker {
+    bus: Bus,
+    cc: CcSubjects,
+    engine: Engine,
+    applied: BTreeMap<String, AppliedSeqs>,
+    store: SnapshotStore,
+    sources: Vec<Source>,
+    metrics: AgentsMetrics,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+}
+
+impl Worker {
+    fn time_to_next_due(&self) -> Option<Duration> {
+        let due = self.engine.next_due()?;
+        let now = self.clock.now_millis();
+        Some(Duration::from_millis(due.saturating_sub(now)))
+    }
+
+    /// Apply, publish, snapshot, ack — see the module documentation.
+    async fn process(
+        &mut self,
+        batch: Vec<(usize, Result<Message, String>)>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut outputs: Vec<(Output, tracing::Span)> = Vec::new();
+        let mut settle = Vec::with_capacity(batch.len());
+        let mut changed = false;
+        let now = self.clock.now_millis();
+        self.metrics
+            .batch_inputs
+            .with_label_values::<&str>(&[])
+            .observe(batch.len() as f64);
+        for (source, msg) in batch {
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.sources[source].key, error = %e, "pull error");
+                    continue;
+                }
+            };
+            let subject = msg.subject.to_string();
+            let span = trace::process_span(&subject, msg.headers.as_ref());
+            let (seq, delivered) = msg
+                .info()
+                .map_or((None, 1), |i| (Some(i.stream_sequence), i.delivered));
+            let key = &self.sources[source].key;
+            let kind = input::kind(&self.cc, &subject);
+            let applied = self.applied.entry(key.clone()).or_default();
+            if let Some(seq) = seq
+                && applied.contains(seq)
+            {
+                span.in_scope(|| {
+                    tracing::debug!(consumer = %key, seq, delivered, "redelivered input already applied; acking");
+                });
+                self.metrics
+                    .inputs
+                    .with_label_values(&[kind, "duplicate"])
+                    .inc();
+                settle.push(Settle::Ack(msg));
+                continue;
+            }
+            let decoded = input::decode(&self.cc, &subject, msg.headers.as_ref(), &msg.payload);
+            let result = match decoded {
+                Ok(Decoded::Input(input)) => self.engine.apply(now, input).map_err(BadInput::from),
+                Ok(Decoded::NotForEngine(reason)) => {
+                    span.in_scope(|| tracing::debug!(reason, "not an engine input; acking"));
+                    self.metrics.ignored.with_label_values(&[reason]).inc();
+                    self.metrics
+                        .inputs
+                        .with_label_values(&[kind, "ignored"])
+                        .inc();
+                    settle.push(Settle::Ack(msg));
+                    continue;
+                }
+                Err(bad) => Err(bad),
+            };
+            match result {
+                Ok(done) => {
+                    changed = true;
+                    if let Some(seq) = seq {
+                        applied.insert(seq);
+                    }
+                    let outcome = match done.ignored {
+                        Some(why) => {
+                            span.in_scope(|| {
+                                tracing::debug!(
+                                    reason = ignored_label(why),
+                                    "input changed nothing"
+                                )
+                            });
+                            self.metrics
+                                .ignored
+                                .with_label_values(&[ignored_label(why)])
+                                .inc();
+                            "ignored"
+                        }
+                        None => "applied",
+                    };
+                    self.metrics
+                        .inputs
+                        .with_label_values(&[kind, outcome])
+                        .inc();
+                    outputs.extend(done.outputs.into_iter().map(|o| (o, span.clone())));
+                    settle.push(Settle::Ack(msg));
+                }
+                Err(bad) => {
+                    span.in_scope(|| {
+                        tracing::warn!(
+                            consumer = %key,
+                            seq,
+                            %subject,
+                            reason = bad.label(),
+                            error = %bad,
+                            "rejecting input (terminated, not redelivered)"
+                        );
+                    });
+                    self.metrics
+                        .rejected
+                        .with_label_values(&[bad.label()])
+                        .inc();
+                    self.metrics
+                        .inputs
+                        .with_label_values(&[kind, "rejected"])
+                        .inc();
+                    settle.push(Settle::Term(msg));
+                }
+            }
+        }
+        self.observe("apply", started);
+        if changed || !outputs.is_empty() {
+            self.publish(&outputs).await?;
+            self.snapshot(now).await?;
+        }
+        for s in settle {
+            let (msg, kind) = match s {
+                Settle::Ack(msg) => (msg, AckKind::Ack),
+                Settle::Term(msg) => (msg, AckKind::Term),
+            };
+            // A lost ack means a redelivery, which the applied sequences absorb.
+            if let Err(e) = msg.ack_with(kind).await {
+                tracing::warn!(error = %e, "ack failed; the input will be redelivered and recognised");
+            }
+        }
+        self.refresh_gauges();
+        Ok(())
+    }
+
+    /// Fire due timers: their outputs are published under a root span `tick`.
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        let now = self.clock.now_millis();
+        let before = self.engine.next_due();
+        let outputs = self.engine.tick(now);
+        if outputs.is_empty() {
+            if before.is_some_and(|due| due <= now) && self.engine.next_due() == before {
+                // Never spin on a timer that does not move.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return Ok(());
+        }
+        let span =
+            tracing::info_span!(parent: None, "tick", otel.name = "tick", outputs = outputs.len());
+        let outputs: Vec<(Output, tracing::Span)> =
+            outputs.into_iter().map(|o| (o, span.clone())).collect();
+        self.publish(&outputs).await?;
+        self.snapshot(now).await?;
+        self.refresh_gauges();
+        Ok(())
+    }
+
+    fn observe(&self, stage: &str, since: Instant) {
+        self.metrics
+            .batch_duration
+            .with_label_values(&[stage])
+            .observe(since.elapsed().as_secs_f64());
+    }
+
+    /// The subject and CloudEvent of an output.
+    fn event(&self, output: &Output) -> Result<(String, CloudEvent), String> {
+        let (subject, key) = match output.aggregate() {
+            Aggregate::Call(call) => {
+                let token = Token::new(call).map_err(|e| e.to_string())?;
+                let event = output.call_event().ok_or("call output without event")?;
+                (self.cc.call(&token, event), call)
+            }
+            Aggregate::Agent(agent) => {
+                let token = Token::new(agent).map_err(|e| e.to_string())?;
+                let event = output.agent_event().ok_or("agent output without event")?;
+                (self.cc.agent_event(&token, event), agent)
+            }
+        };
+        let data = output.data_json().map_err(|e| e.to_string())?;
+        let event = CloudEvent::new(self.bus.source(), output.type_())
+            .id(output.id())
+            .data("application/json", data)
+            .partition_key(key);
+        Ok((subject, event))
+    }
+
+    /// Store every output (in order, pipelined), retrying the whole list until it is
+    /// stored or the service stops; ids make the retries idempotent.
+    async fn publish(&self, outputs: &[(Output, tracing::Span)]) -> anyhow::Result<()> {
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut events = Vec::with_capacity(outputs.len());
+        for (output, span) in outputs {
+            match self.event(output) {
+                Ok((subject, event)) => {
+                    let label = output
+                        .call_event()
+                        .map(|e| e.as_str())
+                        .or_else(|| output.agent_event().map(|e| e.as_str()))
+                        .unwrap_or("other");
+                    events.push((subject, event, span, label));
+                }
+                // Ids come from validated subjects, so this is a bug, not an input problem.
+                Err(e) => {
+                    tracing::error!(error = %e, id = %output.id(), "cannot encode an output; skipped")
+                }
+            }
+        }
+        let mut attempt = 0u32;
+        loop {
+            match self.publish_once(&events).await {
+                Ok(replayed) => {
+                    for (_, _, _, label) in &events {
+                        self.metrics.outputs.with_label_values(&[label]).inc();
+                    }
+                    if replayed > 0 {
+                        self.metrics
+                            .replayed
+                            .with_label_values::<&str>(&[])
+                            .inc_by(replayed);
+                        tracing::warn!(
+                            replayed,
+                            "outputs were already stored (a batch replayed after a crash); the first stored decision stands"
+                        );
+                    }
+                    self.observe("publish", started);
+                    return Ok(());
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let delay = Duration::from_millis(100u64 << attempt.min(8))
+                        .min(Duration::from_secs(10));
+                    tracing::warn!(error = %e, attempt, ?delay, "cannot store outputs; retrying the batch's outputs");
+                    tokio::select! {
+                        () = self.stop.cancelled() => {
+                            anyhow::bail!("stopping with unstored outputs ({e}); their inputs were not acked and will be redelivered");
+                        }
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send every event, then wait for every ack; returns how many were duplicates.
+    async fn publish_once(
+        &self,
+        events: &[(String, CloudEvent, &tracing::Span, &str)],
+    ) -> Result<u64, String> {
+        let js = self.bus.jetstream();
+        let mut pending = Vec::with_capacity(events.len());
+        for (subject, event, parent, _) in events {
+            let span = parent.in_scope(|| trace::publish_span(subject, &event.id));
+            let mut headers = Bus::headers(event, &span, None);
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+            let ack = js
+                .publish_with_headers(subject.clone(), headers, event.data.clone())
+                .instrument(span.clone())
+                .await
+                .map_err(|e| format!("publish to {subject}: {e}"))?;
+            pending.push((subject, ack, span));
+        }
+        let mut replayed = 0;
+        for (subject, ack, span) in pending {
+            let ack = std::future::IntoFuture::into_future(ack)
+                .instrument(span)
+                .await
+                .map_err(|e| format!("stream ack for {subject}: {e}"))?;
+            if ack.duplicate {
+                replayed += 1;
+            }
+        }
+        Ok(replayed)
+    }
+
+    /// Write the snapshot; a fenced or oversized snapshot stops the service, a failing
+    /// bucket is retried until it works or the service stops.
+    async fn snapshot(&mut self, now: u64) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let stored = Stored {
+            format: Stored::FORMAT,
+            saved_at_ms: now,
+            applied: self.applied.clone(),
+            engine: self.engine.snapshot(),
+        };
+        loop {
+            match self.store.save(&stored, 3).await {
+                Ok(saved) => {
+                    self.metrics
+                        .snapshot_bytes
+                        .with_label_values(&["compressed"])
+                        .set(saved.compressed as f64);
+                    self.metrics
+                        .snapshot_bytes
+                        .with_label_values(&["json"])
+                        .set(saved.uncompressed as f64);
+                    self.observe("snapshot", started);
+                    return Ok(());
+                }
+                Err(
+                    e @ (StoreError::Fenced { .. }
+                    | StoreError::TooLarge { .. }
+                    | StoreError::Encode(_)),
+                ) => {
+                    tracing::error!(error = %e, "cannot persist the engine; stopping");
+                    return Err(e).context("cannot persist the engine");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the snapshot; retrying");
+                    tokio::select! {
+                        () = self.stop.cancelled() => {
+                            return Err(e).context("stopping with an unsaved snapshot; the batch's inputs were not acked and will be redelivered");
+                        }
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let stats = self.engine.stats(self.clock.now_millis());
+        self.metrics.set_queues(&stats);
+    }
+
+    /// Read each consumer's ack floor, so the applied sequences below it are forgotten.
+    async fn refresh_floors(&mut self) {
+        for source in &mut self.sources {
+            match source.consumer.info().await {
+                Ok(info) => {
+                    let floor = info.ack_floor.stream_sequence;
+                    self.applied
+                        .entry(source.key.clone())
+                        .or_default()
+                        .advance_floor(floor);
+                }
+                Err(e) => {
+                    tracing::debug!(consumer = %source.key, error = %e, "cannot read the ack floor");
+                }
+            }
+        }
+    }
+
+    /// Reply to a `cc.v1.queues.stats` request with every queue's statistics.
+    async fn answer_stats(&self, request: async_nats::Message) {
+        let span = trace::process_span(&request.subject, request.headers.as_ref());
+        let Some(reply) = request.reply.clone() else {
+            return;
+        };
+        let stats = self.engine.stats(self.clock.now_millis());
+        let event = match CloudEvent::new(self.bus.source(), QUEUE_STATS_TYPE).json(&stats) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode queue statistics");
+                return;
+            }
+        };
+        let headers = Bus::headers(&event, &span, None);
+        if let Err(e) = self
+            .bus
+            .client()
+            .publish_with_headers(reply, headers, event.data.clone())
+            .instrument(span)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot answer a statistics request");
+        }
+    }
+}
+
+/// The `reason` label of `patchbay_agents_ignored_total`.
+#[must_use]
+pub fn ignored_label(why: Ignored) -> &'static str {
+    match why {
+        Ignored::DuplicateCall => "duplicate-call",
+        Ignored::CallFinished => "call-finished",
+        Ignored::UnknownCall => "unknown-call",
+        Ignored::AlreadyAccepted => "already-accepted",
+        Ignored::OfferExpired => "offer-expired",
+        Ignored::NoChange => "no-change",
+        Ignored::NotInWrapUp => "not-in-wrap-up",
+    }
+}

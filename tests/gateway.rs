@@ -1,0 +1,600 @@
+//! The HTTP gateway against a real nats-server with mTLS, a real runtime node and real
+//! components: events in (both CloudEvents content modes), request-reply and function
+//! invocation with every outcome mapped to a status, `wasi:http` functions with streaming
+//! bodies, tokens, limits, TLS termination and the OpenAPI document.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use patchbay_tests::gateway::{Gateway, http_client};
+use patchbay_tests::{MISBEHAVE_ON_SUBJECT, Stack, eventually, next_message};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Every route of the OpenAPI document, each exercised below.
+const DOCUMENTED_ROUTES: [&str; 4] = [
+    "/openapi.json",
+    "/v1/events/{subject}",
+    "/v1/functions/{name}/invoke",
+    "/v1/request/{subject}",
+];
+
+/// Echo publishes its output (the input) on a test subject it is allowed to publish.
+const ECHO_FLAGS: &[&str] = &[
+    "--config",
+    "out=cc.v1.tests.echoed",
+    "--publish",
+    "cc.v1.tests.echoed",
+];
+
+struct Setup {
+    stack: Stack,
+    gateway: Gateway,
+    admin_token: String,
+    client: reqwest::Client,
+    _runtime: patchbay_tests::Process,
+}
+
+async fn setup() -> Setup {
+    let stack = Stack::start().await;
+    let runtime = stack.spawn_runtime("node-1");
+    let gateway = stack.spawn_gateway(&[]).await;
+    let admin_token = stack.token("admin", &["admin"], &[]);
+    Setup {
+        stack,
+        gateway,
+        admin_token,
+        client: http_client(None),
+        _runtime: runtime,
+    }
+}
+
+impl Setup {
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.gateway.url))
+            .bearer_auth(&self.admin_token)
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .get(format!("{}{path}", self.gateway.url))
+            .bearer_auth(&self.admin_token)
+    }
+
+    /// Deploy an HTTP function and wait until the gateway serves it.
+    async fn deploy_http(&self, name: &str, route: &str, probe: &str) {
+        let trigger = format!("http:{route}");
+        let _ = self
+            .stack
+            .cli(&[
+                "fn",
+                "deploy",
+                patchbay_tests::component("http-echo").to_str().unwrap(),
+                "--name",
+                name,
+                "--trigger",
+                &trigger,
+                "--json",
+            ])
+            .success();
+        eventually(Duration::from_secs(20), "gateway serves the HTTP function", || async {
+            let response = self.get(probe).send().await.ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status, "{response:?}");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "{response:?}"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    body
+}
+
+fn trace_id_of(headers: &reqwest::header::HeaderMap) -> String {
+    let traceparent = headers["traceparent"].to_str().unwrap();
+    traceparent.split('-').nth(1).unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_both_content_modes_reach_subscribers_with_the_callers_trace() {
+    let s = setup().await;
+    let admin = s.stack.admin().await;
+    let mut core = admin.client().subscribe("cc.v1.tests.events").await.unwrap();
+    let mut durable = admin
+        .client()
+        .subscribe("cc.v1.recordings.r-1.completed")
+        .await
+        .unwrap();
+
+    // Binary mode on a core subject: 202.
+    let response = s
+        .post("/v1/events/cc.v1.tests.events")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "evt-binary-1")
+        .header("ce-source", "/crm/acme")
+        .header("ce-type", "com.acme.thing.v1")
+        .header("ce-partitionkey", "call-9")
+        .header("content-type", "application/json")
+        .header("traceparent", TRACEPARENT)
+        .header("request-timeout", "1500")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(trace_id_of(response.headers()), TRACE_ID);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["id"], "evt-binary-1");
+    let message = next_message(&mut core, Duration::from_secs(5), "binary-mode event").await;
+    let event = patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload)
+        .unwrap();
+    assert_eq!(
+        (event.id.as_str(), event.source.as_str(), event.ty.as_str()),
+        ("evt-binary-1", "/crm/acme", "com.acme.thing.v1")
+    );
+    assert_eq!(event.key(), Some("call-9"));
+    assert_eq!(&event.data[..], br#"{"n":1}"#);
+    assert_eq!(
+        patchbay_bus::trace::trace_id(message.headers.as_ref()).as_deref(),
+        Some(TRACE_ID)
+    );
+    let deadline = patchbay_bus::Deadline::from_headers(message.headers.as_ref())
+        .unwrap()
+        .expect("the deadline travels with the event");
+    let now = patchbay_bus::Clock::now_millis(&patchbay_bus::SystemClock);
+    assert!(
+        deadline.epoch_millis() > now && deadline.epoch_millis() <= now + 1500,
+        "deadline {} not within Request-Timeout of {now}",
+        deadline.epoch_millis()
+    );
+
+    // Structured mode on a subject a stream stores: 201 with the stream sequence.
+    let structured = json!({
+        "specversion": "1.0", "id": "evt-structured-1", "source": "/recorder",
+        "type": "cc.recording.completed.v1", "datacontenttype": "application/json",
+        "data": {"call_id": "r-1", "url": "s3://x"}
+    });
+    let response = s
+        .post("/v1/events/cc.v1.recordings.r-1.completed")
+        .header("content-type", "application/cloudevents+json")
+        .header("traceparent", TRACEPARENT)
+        .body(structured.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["stream"], "CC_RECORDINGS");
+    assert!(answer["sequence"].as_u64().unwrap() >= 1, "{answer}");
+    let message = next_message(&mut durable, Duration::from_secs(5), "structured-mode event").await;
+    let event = patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload)
+        .unwrap();
+    assert_eq!(
+        (event.id.as_str(), event.source.as_str(), event.ty.as_str()),
+        ("evt-structured-1", "/recorder", "cc.recording.completed.v1")
+    );
+    assert_eq!(
+        patchbay_bus::trace::trace_id(message.headers.as_ref()).as_deref(),
+        Some(TRACE_ID)
+    );
+
+    // The same event again is stored once.
+    let again = s
+        .post("/v1/events/cc.v1.recordings.r-1.completed")
+        .header("content-type", "application/cloudevents+json")
+        .body(structured.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.json::<Value>().await.unwrap()["duplicate"], true);
+
+    // Not a CloudEvent, a batch, a wildcard subject.
+    let missing_type = s
+        .post("/v1/events/cc.v1.tests.events")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "x")
+        .header("ce-source", "/x")
+        .send()
+        .await
+        .unwrap();
+    let body = problem(missing_type, StatusCode::BAD_REQUEST).await;
+    assert!(body["detail"].as_str().unwrap().contains("type"), "{body}");
+    let batch = s
+        .post("/v1/events/cc.v1.tests.events")
+        .header("content-type", "application/cloudevents-batch+json")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    problem(batch, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    let wildcard = s.post("/v1/events/cc.v1.*.x").send().await.unwrap();
+    problem(wildcard, StatusCode::BAD_REQUEST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_and_invocations_map_every_outcome_to_a_status() {
+    let s = setup().await;
+    let _ = s.stack.deploy("echo", "echo", ECHO_FLAGS);
+    let _ = s.stack.deploy("misbehave", "misbehave", MISBEHAVE_ON_SUBJECT);
+
+    // Invoke an event function: 200 with its outputs, the caller's trace continued.
+    let response = s
+        .post("/v1/functions/echo/invoke")
+        .header("content-type", "application/json")
+        .header("traceparent", TRACEPARENT)
+        .body(r#"{"hello":"world"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(trace_id_of(response.headers()), TRACE_ID);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["outcome"], "ok");
+    assert_eq!(reply["outputs"][0]["data"], json!({"hello": "world"}));
+
+    // A request on a subject a function serves, as a binary-mode CloudEvent.
+    let response = s
+        .post("/v1/request/cc.v1.tests.in")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "req-1")
+        .header("ce-source", "/tests")
+        .header("ce-type", "ok")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.json::<Value>().await.unwrap()["outputs"][0]["id"], "req-1");
+
+    let invoke = |ty: &'static str, timeout: Option<&'static str>| {
+        let mut request = s
+            .post("/v1/functions/misbehave/invoke")
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("inv-{ty}"))
+            .header("ce-source", "/tests")
+            .header("ce-type", ty);
+        if let Some(ms) = timeout {
+            request = request.header("request-timeout", ms);
+        }
+        request.send()
+    };
+    // The function's own failure: 422 with its reason.
+    let body = problem(invoke("dead-letter", None).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("misbehave was asked to dead-letter"),
+        "{body}"
+    );
+    problem(invoke("drop", None).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    // A trap: 500 without internals.
+    let body = problem(invoke("trap", None).await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert!(!body.to_string().contains("unreachable"), "{body}");
+    // A slow function past the caller's deadline: 504.
+    problem(invoke("loop", Some("300")).await.unwrap(), StatusCode::GATEWAY_TIMEOUT).await;
+    // Unknown function: 404; nothing serving a subject: 503.
+    let unknown = s.post("/v1/functions/nope/invoke").body("{}").send().await.unwrap();
+    problem(unknown, StatusCode::NOT_FOUND).await;
+    let nobody = s.post("/v1/request/cc.v1.nobody.home").body("{}").send().await.unwrap();
+    problem(nobody, StatusCode::SERVICE_UNAVAILABLE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_without_disturbing_concurrent_good_ones() {
+    let s = setup().await;
+    let _ = s.stack.deploy("echo", "echo", ECHO_FLAGS);
+    let narrow = s.stack.token("narrow", &["publish:cc.v1.tests.>"], &[]);
+
+    // Good invocations run throughout.
+    let good = {
+        let client = s.client.clone();
+        let url = format!("{}/v1/functions/echo/invoke", s.gateway.url);
+        let token = s.admin_token.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..60 {
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .body(format!("{{\"i\":{i}}}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                ok += 1;
+            }
+            ok
+        })
+    };
+    for _ in 0..5 {
+        let url = format!("{}/v1/events/cc.v1.tests.x", s.gateway.url);
+        let missing = s.client.post(&url).body("{}").send().await.unwrap();
+        let body = problem(missing, StatusCode::UNAUTHORIZED).await;
+        assert!(body["detail"].as_str().unwrap().contains("Bearer"), "{body}");
+        let invalid = s
+            .client
+            .post(&url)
+            .bearer_auth("pbt_00000000_not-a-real-secret")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        problem(invalid, StatusCode::UNAUTHORIZED).await;
+        let scoped = s
+            .client
+            .post(format!("{}/v1/events/cc.v1.calls.c1.incoming", s.gateway.url))
+            .bearer_auth(&narrow)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        problem(scoped, StatusCode::FORBIDDEN).await;
+        let not_invoke = s
+            .client
+            .post(format!("{}/v1/functions/echo/invoke", s.gateway.url))
+            .bearer_auth(&narrow)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        problem(not_invoke, StatusCode::FORBIDDEN).await;
+        let oversized = s
+            .post("/v1/events/cc.v1.tests.x")
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "big")
+            .header("ce-source", "/t")
+            .header("ce-type", "t")
+            .body(vec![b'x'; (1 << 20) + 1])
+            .send()
+            .await
+            .unwrap();
+        problem(oversized, StatusCode::PAYLOAD_TOO_LARGE).await;
+    }
+    assert_eq!(good.await.unwrap(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_over_its_rate_gets_429_with_retry_after() {
+    let s = setup().await;
+    let slow = s.stack.token("slow", &["publish:cc.v1.tests.>"], &["--rate", "0.2", "--burst", "2"]);
+    let send = || {
+        s.client
+            .post(format!("{}/v1/events/cc.v1.tests.rate", s.gateway.url))
+            .bearer_auth(&slow)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", uuid::Uuid::new_v4().to_string())
+            .header("ce-source", "/t")
+            .header("ce-type", "t")
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(send().await.unwrap().status(), StatusCode::ACCEPTED);
+    let limited = send().await.unwrap();
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
+    problem(limited, StatusCode::TOO_MANY_REQUESTS).await;
+    // Another token is not affected.
+    let other = s
+        .post("/v1/events/cc.v1.tests.rate")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "other")
+        .header("ce-source", "/t")
+        .header("ce-type", "t")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_http_component_serves_its_route_with_status_and_headers() {
+    let s = setup().await;
+    s.deploy_http("hello", "/echo/...", "/echo/hello").await;
+
+    let response = s
+        .get("/echo/hello")
+        .header("traceparent", TRACEPARENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-fixture"], "http-echo");
+    assert_eq!(trace_id_of(response.headers()), TRACE_ID);
+    assert_eq!(response.text().await.unwrap(), "hello from wasi:http\n");
+    let teapot = s.get("/echo/status?code=418").send().await.unwrap();
+    assert_eq!(teapot.status(), StatusCode::IM_A_TEAPOT);
+
+    // A trapping component: 500; a spinning one: 504 at the deadline; neither stops the next.
+    problem(s.get("/echo/trap").send().await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR).await;
+    let spin = s
+        .get("/echo/spin")
+        .header("request-timeout", "300")
+        .send()
+        .await
+        .unwrap();
+    problem(spin, StatusCode::GATEWAY_TIMEOUT).await;
+    assert_eq!(s.get("/echo/hello").send().await.unwrap().status(), StatusCode::OK);
+
+    // Routes are authorised per function, and unknown paths are 404.
+    let narrow = s.stack.token("narrow", &["invoke:other"], &[]);
+    let refused = s
+        .client
+        .get(format!("{}/echo/hello", s.gateway.url))
+        .bearer_auth(&narrow)
+        .send()
+        .await
+        .unwrap();
+    problem(refused, StatusCode::FORBIDDEN).await;
+    problem(s.get("/elsewhere").send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    // An HTTP function is not invocable as an event function.
+    let invoke = s.post("/v1/functions/hello/invoke").body("{}").send().await.unwrap();
+    problem(invoke, StatusCode::NOT_FOUND).await;
+
+    // The metrics count requests per function route.
+    let (_, metrics) = patchbay_tests::http_get(&s.gateway.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"patchbay_gateway_requests_total{method="GET",route="fn:hello",status="200"}"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways_and_large_bodies_pass_intact() {
+    let s = setup().await;
+    s.deploy_http("stream", "/s/...", "/s/hello").await;
+
+    // Each chunk is sent only after the previous one came back: without streaming in both
+    // directions this would never finish.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let response = s.post("/s/stream").body(body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut chunks = response.bytes_stream();
+    for i in 0..5 {
+        let chunk = format!("chunk-{i};");
+        tx.send(Ok(Bytes::from(chunk.clone()))).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < chunk.len() {
+            let next = tokio::time::timeout(Duration::from_secs(10), chunks.next())
+                .await
+                .expect("the echo of a chunk arrives before the next is sent")
+                .unwrap()
+                .unwrap();
+            seen.extend_from_slice(&next);
+        }
+        assert_eq!(seen, chunk.as_bytes());
+    }
+    drop(tx);
+    assert!(chunks.next().await.is_none());
+
+    // 3 MiB up and back, 5 MiB down.
+    let upload: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let echoed = s.post("/s/stream").body(upload.clone()).send().await.unwrap();
+    assert_eq!(echoed.status(), StatusCode::OK);
+    assert!(echoed.bytes().await.unwrap() == upload, "the echoed body differs");
+    let size = 5 << 20;
+    let big = s.get(&format!("/s/big?bytes={size}")).send().await.unwrap();
+    assert_eq!(big.status(), StatusCode::OK);
+    let body = big.bytes().await.unwrap();
+    assert_eq!(body.len(), size);
+    assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_validates_and_lists_exactly_the_exercised_routes() {
+    let s = setup().await;
+    let response = s.client.get(format!("{}/openapi.json", s.gateway.url)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let document: Value = response.json().await.unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths: BTreeSet<&str> = document["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(paths, DOCUMENTED_ROUTES.into_iter().collect());
+    assert!(document["components"]["securitySchemes"]["bearer"].is_object());
+
+    let file = s.stack.state_dir().join("openapi.json");
+    std::fs::write(&file, document.to_string()).unwrap();
+    let validator = patchbay_tests::repo_root().join(".tools/venv/bin/openapi-spec-validator");
+    assert!(
+        validator.exists(),
+        "{} is missing: run `make test-tools`",
+        validator.display()
+    );
+    let out = std::process::Command::new(validator).arg(&file).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_terminates_tls_when_given_a_certificate() {
+    let stack = Stack::start().await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let cert_file = stack.state_dir().join("gateway-tls.crt");
+    let key_file = stack.state_dir().join("gateway-tls.key");
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let gateway = stack
+        .spawn_gateway_with(
+            &[
+                "--tls-cert",
+                cert_file.to_str().unwrap(),
+                "--tls-key",
+                key_file.to_str().unwrap(),
+            ],
+            "https",
+        )
+        .await;
+    let client = http_client(Some(cert.pem().as_bytes()));
+    let response = client
+        .get(format!("{}/openapi.json", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Plain HTTP to the TLS port is not served.
+    let plain = http_client(None)
+        .get(gateway.url.replace("https://", "http://") + "/openapi.json")
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_streaming_request_finish_then_exits() {
+    let mut s = setup().await;
+    s.deploy_http("drain", "/d/...", "/d/hello").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let response = s
+        .post("/d/stream")
+        .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)))
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = response.bytes_stream();
+    tx.send(Ok(Bytes::from_static(b"before;"))).await.unwrap();
+    assert_eq!(&chunks.next().await.unwrap().unwrap()[..], b"before;");
+
+    let pid = s.gateway.process.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // The gateway stops listening, but the request in flight goes on to its end.
+    eventually(Duration::from_secs(10), "the listener closes", || async {
+        let url = format!("{}/openapi.json", s.gateway.url);
+        http_client(None).get(url).send().await.is_err().then_some(())
+    })
+    .await;
+    tx.send(Ok(Bytes::from_static(b"after;"))).await.unwrap();
+    assert_eq!(&chunks.next().await.unwrap().unwrap()[..], b"after;");
+    drop(tx);
+    assert!(chunks.next().await.is_none());
+    assert!(s.gateway.process.terminate(Duration::from_secs(10)), "the gateway did not exit");
+}
