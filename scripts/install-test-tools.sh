@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Installs the checkers the integration tests run against Patchbay's own output, into the
-# same Python virtual environment as nats-server (<repo>/.tools/venv):
+# Installs the checkers the integration tests run against Patchbay's own output:
 #
-#   openapi-spec-validator   validates the gateway's /openapi.json (OpenAPI 3.1)
+#   openapi-spec-validator   validates the gateway's /openapi.json (OpenAPI 3.1); pip, into
+#                            the same virtual environment as nats-server (<repo>/.tools/venv)
+#   promtool, prometheus     Debian package `prometheus` (apt-get): `promtool check metrics`
+#                            lints every binary's /metrics, and a real Prometheus server
+#                            scrapes them all
 #
 # Idempotent and quiet when everything is there. Exits non-zero, saying what to do, when
 # it cannot install something: a test that needs a checker never skips silently.
@@ -31,3 +34,20 @@ if [ ! -x "$venv/bin/openapi-spec-validator" ]; then
 fi
 "$venv/bin/openapi-spec-validator" --help >/dev/null 2>&1 \
     || die "$venv/bin/openapi-spec-validator does not run"
+
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 \
+        || die "promtool and prometheus are missing and apt-get is not available; install the Prometheus 2.x binaries on PATH"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || die "installing the Debian prometheus package needs root (or sudo)"
+        sudo="sudo"
+    fi
+    echo "install-test-tools: installing the Debian prometheus package (promtool, prometheus)" >&2
+    # The package may try to start its systemd service; without systemd (containers) that
+    # fails harmlessly — the tests start their own server with a temporary config.
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2 \
+        || die "apt-get could not install prometheus (run apt-get update first?)"
+fi
+promtool --version >/dev/null 2>&1 || die "promtool is on PATH but does not run"
+prometheus --version >/dev/null 2>&1 || die "prometheus is on PATH but does not run"

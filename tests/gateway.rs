@@ -85,10 +85,14 @@ impl Setup {
                 "--json",
             ])
             .success();
-        eventually(Duration::from_secs(20), "gateway serves the HTTP function", || async {
-            let response = self.get(probe).send().await.ok()?;
-            (response.status() == StatusCode::OK).then_some(())
-        })
+        eventually(
+            Duration::from_secs(20),
+            "gateway serves the HTTP function",
+            || async {
+                let response = self.get(probe).send().await.ok()?;
+                (response.status() == StatusCode::OK).then_some(())
+            },
+        )
         .await;
     }
 }
@@ -114,7 +118,11 @@ fn trace_id_of(headers: &reqwest::header::HeaderMap) -> String {
 async fn events_in_both_content_modes_reach_subscribers_with_the_callers_trace() {
     let s = setup().await;
     let admin = s.stack.admin().await;
-    let mut core = admin.client().subscribe("cc.v1.tests.events").await.unwrap();
+    let mut core = admin
+        .client()
+        .subscribe("cc.v1.tests.events")
+        .await
+        .unwrap();
     let mut durable = admin
         .client()
         .subscribe("cc.v1.recordings.r-1.completed")
@@ -141,8 +149,8 @@ async fn events_in_both_content_modes_reach_subscribers_with_the_callers_trace()
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["id"], "evt-binary-1");
     let message = next_message(&mut core, Duration::from_secs(5), "binary-mode event").await;
-    let event = patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload)
-        .unwrap();
+    let event =
+        patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload).unwrap();
     assert_eq!(
         (event.id.as_str(), event.source.as_str(), event.ty.as_str()),
         ("evt-binary-1", "/crm/acme", "com.acme.thing.v1")
@@ -181,9 +189,14 @@ async fn events_in_both_content_modes_reach_subscribers_with_the_callers_trace()
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["stream"], "CC_RECORDINGS");
     assert!(answer["sequence"].as_u64().unwrap() >= 1, "{answer}");
-    let message = next_message(&mut durable, Duration::from_secs(5), "structured-mode event").await;
-    let event = patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload)
-        .unwrap();
+    let message = next_message(
+        &mut durable,
+        Duration::from_secs(5),
+        "structured-mode event",
+    )
+    .await;
+    let event =
+        patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload).unwrap();
     assert_eq!(
         (event.id.as_str(), event.source.as_str(), event.ty.as_str()),
         ("evt-structured-1", "/recorder", "cc.recording.completed.v1")
@@ -231,7 +244,9 @@ async fn events_in_both_content_modes_reach_subscribers_with_the_callers_trace()
 async fn request_reply_and_invocations_map_every_outcome_to_a_status() {
     let s = setup().await;
     let _ = s.stack.deploy("echo", "echo", ECHO_FLAGS);
-    let _ = s.stack.deploy("misbehave", "misbehave", MISBEHAVE_ON_SUBJECT);
+    let _ = s
+        .stack
+        .deploy("misbehave", "misbehave", MISBEHAVE_ON_SUBJECT);
 
     // Invoke an event function: 200 with its outputs, the caller's trace continued.
     let response = s
@@ -260,7 +275,10 @@ async fn request_reply_and_invocations_map_every_outcome_to_a_status() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.json::<Value>().await.unwrap()["outputs"][0]["id"], "req-1");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["outputs"][0]["id"],
+        "req-1"
+    );
 
     let invoke = |ty: &'static str, timeout: Option<&'static str>| {
         let mut request = s
@@ -275,21 +293,50 @@ async fn request_reply_and_invocations_map_every_outcome_to_a_status() {
         request.send()
     };
     // The function's own failure: 422 with its reason.
-    let body = problem(invoke("dead-letter", None).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body = problem(
+        invoke("dead-letter", None).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert!(
-        body["detail"].as_str().unwrap().contains("misbehave was asked to dead-letter"),
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("misbehave was asked to dead-letter"),
         "{body}"
     );
-    problem(invoke("drop", None).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    problem(
+        invoke("drop", None).await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     // A trap: 500 without internals.
-    let body = problem(invoke("trap", None).await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR).await;
+    let body = problem(
+        invoke("trap", None).await.unwrap(),
+        StatusCode::INTERNAL_SERVER_ERROR,
+    )
+    .await;
     assert!(!body.to_string().contains("unreachable"), "{body}");
     // A slow function past the caller's deadline: 504.
-    problem(invoke("loop", Some("300")).await.unwrap(), StatusCode::GATEWAY_TIMEOUT).await;
+    problem(
+        invoke("loop", Some("300")).await.unwrap(),
+        StatusCode::GATEWAY_TIMEOUT,
+    )
+    .await;
     // Unknown function: 404; nothing serving a subject: 503.
-    let unknown = s.post("/v1/functions/nope/invoke").body("{}").send().await.unwrap();
+    let unknown = s
+        .post("/v1/functions/nope/invoke")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     problem(unknown, StatusCode::NOT_FOUND).await;
-    let nobody = s.post("/v1/request/cc.v1.nobody.home").body("{}").send().await.unwrap();
+    let nobody = s
+        .post("/v1/request/cc.v1.nobody.home")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     problem(nobody, StatusCode::SERVICE_UNAVAILABLE).await;
 }
 
@@ -324,7 +371,10 @@ async fn bad_requests_are_refused_without_disturbing_concurrent_good_ones() {
         let url = format!("{}/v1/events/cc.v1.tests.x", s.gateway.url);
         let missing = s.client.post(&url).body("{}").send().await.unwrap();
         let body = problem(missing, StatusCode::UNAUTHORIZED).await;
-        assert!(body["detail"].as_str().unwrap().contains("Bearer"), "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("Bearer"),
+            "{body}"
+        );
         let invalid = s
             .client
             .post(&url)
@@ -336,7 +386,10 @@ async fn bad_requests_are_refused_without_disturbing_concurrent_good_ones() {
         problem(invalid, StatusCode::UNAUTHORIZED).await;
         let scoped = s
             .client
-            .post(format!("{}/v1/events/cc.v1.calls.c1.incoming", s.gateway.url))
+            .post(format!(
+                "{}/v1/events/cc.v1.calls.c1.incoming",
+                s.gateway.url
+            ))
             .bearer_auth(&narrow)
             .body("{}")
             .send()
@@ -370,7 +423,11 @@ async fn bad_requests_are_refused_without_disturbing_concurrent_good_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_over_its_rate_gets_429_with_retry_after() {
     let s = setup().await;
-    let slow = s.stack.token("slow", &["publish:cc.v1.tests.>"], &["--rate", "0.2", "--burst", "2"]);
+    let slow = s.stack.token(
+        "slow",
+        &["publish:cc.v1.tests.>"],
+        &["--rate", "0.2", "--burst", "2"],
+    );
     let send = || {
         s.client
             .post(format!("{}/v1/events/cc.v1.tests.rate", s.gateway.url))
@@ -384,7 +441,11 @@ async fn a_token_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(send().await.unwrap().status(), StatusCode::ACCEPTED);
     assert_eq!(send().await.unwrap().status(), StatusCode::ACCEPTED);
     let limited = send().await.unwrap();
-    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
     problem(limited, StatusCode::TOO_MANY_REQUESTS).await;
     // Another token is not affected.
@@ -419,7 +480,11 @@ async fn a_wasi_http_component_serves_its_route_with_status_and_headers() {
     assert_eq!(teapot.status(), StatusCode::IM_A_TEAPOT);
 
     // A trapping component: 500; a spinning one: 504 at the deadline; neither stops the next.
-    problem(s.get("/echo/trap").send().await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR).await;
+    problem(
+        s.get("/echo/trap").send().await.unwrap(),
+        StatusCode::INTERNAL_SERVER_ERROR,
+    )
+    .await;
     let spin = s
         .get("/echo/spin")
         .header("request-timeout", "300")
@@ -427,7 +492,10 @@ async fn a_wasi_http_component_serves_its_route_with_status_and_headers() {
         .await
         .unwrap();
     problem(spin, StatusCode::GATEWAY_TIMEOUT).await;
-    assert_eq!(s.get("/echo/hello").send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        s.get("/echo/hello").send().await.unwrap().status(),
+        StatusCode::OK
+    );
 
     // Routes are authorised per function, and unknown paths are 404.
     let narrow = s.stack.token("narrow", &["invoke:other"], &[]);
@@ -439,15 +507,28 @@ async fn a_wasi_http_component_serves_its_route_with_status_and_headers() {
         .await
         .unwrap();
     problem(refused, StatusCode::FORBIDDEN).await;
-    problem(s.get("/elsewhere").send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    problem(
+        s.get("/elsewhere").send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     // An HTTP function is not invocable as an event function.
-    let invoke = s.post("/v1/functions/hello/invoke").body("{}").send().await.unwrap();
+    let invoke = s
+        .post("/v1/functions/hello/invoke")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     problem(invoke, StatusCode::NOT_FOUND).await;
 
     // The metrics count requests per function route.
-    let (_, metrics) = patchbay_tests::http_get(&s.gateway.admin, "/metrics").await.unwrap();
+    let (_, metrics) = patchbay_tests::http_get(&s.gateway.admin, "/metrics")
+        .await
+        .unwrap();
     assert!(
-        metrics.contains(r#"patchbay_gateway_requests_total{method="GET",route="fn:hello",status="200"}"#),
+        metrics.contains(
+            r#"patchbay_gateway_requests_total{method="GET",route="fn:hello",status="200"}"#
+        ),
         "{metrics}"
     );
 }
@@ -483,9 +564,17 @@ async fn bodies_stream_both_ways_and_large_bodies_pass_intact() {
 
     // 3 MiB up and back, 5 MiB down.
     let upload: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
-    let echoed = s.post("/s/stream").body(upload.clone()).send().await.unwrap();
+    let echoed = s
+        .post("/s/stream")
+        .body(upload.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(echoed.status(), StatusCode::OK);
-    assert!(echoed.bytes().await.unwrap() == upload, "the echoed body differs");
+    assert!(
+        echoed.bytes().await.unwrap() == upload,
+        "the echoed body differs"
+    );
     let size = 5 << 20;
     let big = s.get(&format!("/s/big?bytes={size}")).send().await.unwrap();
     assert_eq!(big.status(), StatusCode::OK);
@@ -503,7 +592,12 @@ fn tokio_stream_from(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_validates_and_lists_exactly_the_exercised_routes() {
     let s = setup().await;
-    let response = s.client.get(format!("{}/openapi.json", s.gateway.url)).send().await.unwrap();
+    let response = s
+        .client
+        .get(format!("{}/openapi.json", s.gateway.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let document: Value = response.json().await.unwrap();
     assert_eq!(document["openapi"], "3.1.0");
@@ -524,7 +618,10 @@ async fn the_openapi_document_validates_and_lists_exactly_the_exercised_routes()
         "{} is missing: run `make test-tools`",
         validator.display()
     );
-    let out = std::process::Command::new(validator).arg(&file).output().unwrap();
+    let out = std::process::Command::new(validator)
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "openapi-spec-validator: {}{}",
@@ -537,7 +634,8 @@ async fn the_openapi_document_validates_and_lists_exactly_the_exercised_routes()
 async fn the_gateway_terminates_tls_when_given_a_certificate() {
     let stack = Stack::start().await;
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let cert = params.self_signed(&key).unwrap();
     let cert_file = stack.state_dir().join("gateway-tls.crt");
     let key_file = stack.state_dir().join("gateway-tls.key");
@@ -585,16 +683,30 @@ async fn sigterm_lets_an_in_flight_streaming_request_finish_then_exits() {
     assert_eq!(&chunks.next().await.unwrap().unwrap()[..], b"before;");
 
     let pid = s.gateway.process.pid().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     // The gateway stops listening, but the request in flight goes on to its end.
     eventually(Duration::from_secs(10), "the listener closes", || async {
         let url = format!("{}/openapi.json", s.gateway.url);
-        http_client(None).get(url).send().await.is_err().then_some(())
+        http_client(None)
+            .get(url)
+            .send()
+            .await
+            .is_err()
+            .then_some(())
     })
     .await;
     tx.send(Ok(Bytes::from_static(b"after;"))).await.unwrap();
     assert_eq!(&chunks.next().await.unwrap().unwrap()[..], b"after;");
     drop(tx);
     assert!(chunks.next().await.is_none());
-    assert!(s.gateway.process.terminate(Duration::from_secs(10)), "the gateway did not exit");
+    assert!(
+        s.gateway.process.terminate(Duration::from_secs(10)),
+        "the gateway did not exit"
+    );
 }

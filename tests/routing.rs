@@ -423,11 +423,17 @@ async fn malformed_calls_are_rejected_and_the_next_good_call_is_routed() {
     .await;
     assert_eq!(stored_on(&admin, "cc.v1.calls.*.routed").await, 1);
     // Each malformed call is in the dead-letter stream with its reason.
-    let listed = stack.cli(&["fn", "dlq", "ls", "routing", "--json"]).success();
+    let listed = stack
+        .cli(&["fn", "dlq", "ls", "routing", "--json"])
+        .success();
     let letters = listed.json();
     let letters = letters.as_array().unwrap();
     assert_eq!(letters.len(), 4, "{letters:?}");
-    assert!(letters.iter().all(|l| l["error"].as_str().is_some_and(|e| !e.is_empty())));
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["error"].as_str().is_some_and(|e| !e.is_empty()))
+    );
     assert!(routing.process.is_running());
 }
 

@@ -25,7 +25,9 @@ impl Stack {
     /// Like [`Stack::spawn_gateway`], with the URL scheme given (`https` when `args`
     /// turn TLS on).
     pub async fn spawn_gateway_with(&self, args: &[&str], scheme: &str) -> Gateway {
-        let address_file: PathBuf = self.state_dir().join(format!("gateway-{}.addr", free_port()));
+        let address_file: PathBuf = self
+            .state_dir()
+            .join(format!("gateway-{}.addr", free_port()));
         let admin = format!("127.0.0.1:{}", free_port());
         let address_arg = address_file.to_str().unwrap().to_owned();
         let mut all = vec![

@@ -510,3 +510,101 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+// ---------------------------------------------------------------------------------------
+// Durable publishing and consumer state (first used by tests/agents.rs)
+
+/// Store a CloudEvent of type `ty` with JSON `data` on `subject` as `bus`, the way a
+/// gateway or telephony adapter would (durable, `ce-id` as `Nats-Msg-Id`, `traceparent`
+/// when given); returns the event id.
+pub async fn publish_json(
+    bus: &Bus,
+    subject: &str,
+    ty: &str,
+    data: &serde_json::Value,
+    traceparent: Option<&str>,
+) -> String {
+    let event = patchbay_bus::CloudEvent::new("/test", ty)
+        .json(data)
+        .unwrap();
+    publish_raw_event(
+        bus,
+        subject,
+        event.to_headers(),
+        event.data.clone(),
+        traceparent,
+    )
+    .await;
+    event.id
+}
+
+/// Store `payload` with `headers` on `subject` as `bus` (no checks: for malformed input).
+pub async fn publish_raw_event(
+    bus: &Bus,
+    subject: &str,
+    mut headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    traceparent: Option<&str>,
+) {
+    if let Some(tp) = traceparent {
+        headers.insert("traceparent", tp);
+    }
+    if headers.get(async_nats::header::NATS_MESSAGE_ID).is_none() {
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            uuid::Uuid::new_v4().to_string().as_str(),
+        );
+    }
+    bus.jetstream()
+        .publish_with_headers(subject.to_owned(), headers, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap_or_else(|e| panic!("no stream stored {subject}: {e}"));
+}
+
+/// `(ack pending, pending)` of the durable consumer `consumer` on `stream`.
+pub async fn consumer_backlog(admin: &Bus, stream: &str, consumer: &str) -> (usize, u64) {
+    let stream = admin.jetstream().get_stream(stream).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(consumer).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_ack_pending, info.num_pending)
+}
+
+/// Wait until every `(stream, consumer)` has nothing pending and nothing unacknowledged.
+pub async fn wait_consumers_settled(admin: &Bus, consumers: &[(&str, &str)], limit: Duration) {
+    eventually(limit, &format!("{consumers:?} to settle"), || async {
+        for (stream, consumer) in consumers {
+            if consumer_backlog(admin, stream, consumer).await != (0, 0) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+/// How many messages `stream` stores on subjects matching `filter`.
+pub async fn stored_count(admin: &Bus, stream: &str, filter: &str) -> usize {
+    use futures::TryStreamExt as _;
+    let stream = admin.jetstream().get_stream(stream).await.unwrap();
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    subjects.iter().map(|(_, n)| n).sum()
+}
+
+/// Wait until `GET /readyz` on the admin listener `addr` answers 200.
+pub async fn wait_ready(addr: &str, limit: Duration) {
+    eventually(limit, &format!("{addr}/readyz to answer 200"), || async {
+        http_get(addr, "/readyz")
+            .await
+            .filter(|(status, _)| *status == 200)
+    })
+    .await;
+}

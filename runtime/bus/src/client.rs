@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 use crate::deadline::{Clock, Deadline, SystemClock};
 use crate::event::CloudEvent;
 use crate::subject::Subjects;
-use crate::trace;
+use crate::trace::{self, BusMetrics};
 
 /// How to reach NATS and who we are.
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ pub struct BusConfig {
     /// Messages buffered per subscription before the client drops them. Sized
     /// deliberately: async-nats drops silently when full (counted in [`Bus::dropped`]).
     pub subscription_capacity: usize,
+    /// Edge metrics to count publishes and received messages into; `None` counts nothing.
+    pub metrics: Option<BusMetrics>,
 }
 
 impl BusConfig {
@@ -70,7 +72,15 @@ impl BusConfig {
             subjects: Subjects::default(),
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 64 * 1024,
+            metrics: None,
         }
+    }
+
+    /// Count this connection's traffic into `metrics` (edge metrics, see [`BusMetrics`]).
+    #[must_use]
+    pub fn metrics(mut self, metrics: BusMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Set the connection name.
@@ -217,6 +227,9 @@ pub struct Bus {
     notices: broadcast::Sender<BusNotice>,
     dropped: Arc<AtomicU64>,
     clock: Arc<dyn Clock>,
+    /// `kind/name` of [`Bus::identity`], sent in the `patchbay-from` header.
+    from: Option<Arc<str>>,
+    metrics: Option<BusMetrics>,
 }
 
 impl fmt::Debug for Bus {
@@ -451,6 +464,9 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
         kind: ConnectErrorKind::Handshake,
         reason: e.to_string(),
     })?;
+    let from = identity
+        .as_ref()
+        .map(|id| Arc::from(trace::identity_label(&id.kind, &id.name)));
     Ok(Bus {
         client,
         identity,
@@ -459,6 +475,8 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
         notices,
         dropped,
         clock: Arc::new(SystemClock),
+        from,
+        metrics: config.metrics.clone(),
     })
 }
 
@@ -627,6 +645,36 @@ impl Bus {
         headers
     }
 
+    /// Adds the `patchbay-from` header naming this connection's identity (if known), as
+    /// every publish and request of this type does; for messages sent through
+    /// [`Bus::client`] directly, so receivers can still tell who sent them.
+    pub fn stamp_sender(&self, headers: &mut HeaderMap) {
+        if let Some(from) = &self.from {
+            headers.insert(trace::FROM, from.as_ref());
+        }
+    }
+
+    fn count_published(&self, subject: &str) {
+        if let Some(metrics) = &self.metrics {
+            let from = self.from.as_deref().unwrap_or(trace::UNKNOWN_IDENTITY);
+            metrics.published(from, &trace::subject_class(&self.subjects, subject));
+        }
+    }
+
+    /// The consumer-side `process` span for a message on `subject` (see
+    /// [`trace::process_span`]), counting the message as received by this identity from
+    /// the one its `patchbay-from` header names. Consumers call it once per message they
+    /// take up, so edge metrics see every hop.
+    #[must_use]
+    pub fn process_span(&self, subject: &str, headers: Option<&HeaderMap>) -> tracing::Span {
+        if let Some(metrics) = &self.metrics {
+            let from = trace::sender(headers).unwrap_or(trace::UNKNOWN_IDENTITY);
+            let to = self.from.as_deref().unwrap_or(trace::UNKNOWN_IDENTITY);
+            metrics.received(from, to, &trace::subject_class(&self.subjects, subject));
+        }
+        trace::process_span(subject, headers)
+    }
+
     fn check_size(
         &self,
         subject: &str,
@@ -663,7 +711,8 @@ impl Bus {
     ) -> Result<(), PublishError> {
         event.validate()?;
         let span = trace::publish_span(subject, &event.id);
-        let headers = Self::headers(event, &span, deadline);
+        let mut headers = Self::headers(event, &span, deadline);
+        self.stamp_sender(&mut headers);
         self.check_size(subject, &headers, &event.data)?;
         self.client
             .publish_with_headers(subject.to_owned(), headers, event.data.clone())
@@ -672,7 +721,9 @@ impl Bus {
             .map_err(|e| PublishError::Nats {
                 subject: subject.to_owned(),
                 reason: e.to_string(),
-            })
+            })?;
+        self.count_published(subject);
+        Ok(())
     }
 
     /// Publish `event` to the JetStream stream holding `subject` and wait for the stream's
@@ -700,6 +751,7 @@ impl Bus {
         event.validate()?;
         let span = trace::publish_span(subject, &event.id);
         let mut headers = Self::headers(event, &span, deadline);
+        self.stamp_sender(&mut headers);
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
         self.check_size(subject, &headers, &event.data)?;
         let failed = |e: &jetstream::context::PublishError| match e.kind() {
@@ -712,7 +764,7 @@ impl Bus {
             },
         };
         let js = self.jetstream();
-        async {
+        let ack = async {
             js.publish_with_headers(subject.to_owned(), headers, event.data.clone())
                 .await
                 .map_err(|e| failed(&e))?
@@ -720,7 +772,9 @@ impl Bus {
                 .map_err(|e| failed(&e))
         }
         .instrument(span)
-        .await
+        .await?;
+        self.count_published(subject);
+        Ok(ack)
     }
 
     /// Send `event` as a request on `subject` and wait for the reply, within
@@ -748,14 +802,16 @@ impl Bus {
             .validate()
             .map_err(|e| error(RequestErrorKind::Other, e.to_string()))?;
         let span = trace::publish_span(subject, &event.id);
-        let headers = Self::headers(event, &span, Some(deadline));
+        let mut headers = Self::headers(event, &span, Some(deadline));
+        self.stamp_sender(&mut headers);
         self.check_size(subject, &headers, &event.data)
             .map_err(|e| error(RequestErrorKind::TooLarge, e.to_string()))?;
         let request = async_nats::Request::new()
             .headers(headers)
             .payload(event.data.clone())
             .timeout(Some(remaining));
-        self.client
+        let reply = self
+            .client
             .send_request(subject.to_owned(), request)
             .instrument(span)
             .await
@@ -768,7 +824,9 @@ impl Bus {
                     K::InvalidSubject | K::Other => RequestErrorKind::Other,
                 };
                 error(kind, e.to_string())
-            })
+            })?;
+        self.count_published(subject);
+        Ok(reply)
     }
 }
 

@@ -138,7 +138,9 @@ pub async fn dead_letter(bus: &Bus, owner: &Token, msg: &Message, record: &DeadL
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot store dead letter; will retry the message");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
             false
         }
     }

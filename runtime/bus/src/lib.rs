@@ -5,9 +5,9 @@
 //! on NATS headers, W3C trace-context propagation, the `patchbay-deadline` header and the
 //! publish/request primitives that apply all of them, plus the two record shapes every
 //! component shares: the reply to an invocation ([`reply`]) and the dead-letter record
-//! ([`dlq`]). It does not own any business
-//! subject (those live in `patchbay-protocol`), any stream layout (that is
-//! `deploy/streams.toml`) or telemetry set-up (`patchbay-telemetry`).
+//! ([`dlq`]), and the NATS micro discovery every component answers ([`discovery`]). It
+//! does not own any business subject (those live in `patchbay-protocol`), any stream
+//! layout (that is `deploy/streams.toml`) or telemetry set-up (`patchbay-telemetry`).
 
 //!
 //! Without the default `client` feature only [`subject`] is compiled, with no
@@ -19,6 +19,8 @@ pub mod args;
 pub mod client;
 #[cfg(feature = "client")]
 pub mod deadline;
+#[cfg(feature = "client")]
+pub mod discovery;
 #[cfg(feature = "client")]
 pub mod dlq;
 #[cfg(feature = "client")]

@@ -5,6 +5,11 @@
 //! through `patchbay-telemetry`) and extracted into the `process` span of the receiver.
 //! A message without context starts a root span. The propagators are fixed here rather
 //! than taken from the global registry so the wire format never depends on set-up order.
+//!
+//! Edges: every message also carries its sender's identity in [`FROM`], so a receiver can
+//! count who talks to whom ([`BusMetrics`]: `patchbay_bus_messages_published_total` and
+//! `patchbay_bus_messages_received_total`, labelled by [`subject_class`]) and a service
+//! graph can be drawn from metrics alone.
 
 use std::sync::LazyLock;
 
@@ -15,7 +20,11 @@ use opentelemetry::propagation::{
 };
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use patchbay_telemetry::Metrics;
+use prometheus::IntCounterVec;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::subject::{Subjects, Token};
 
 /// Header carrying the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
@@ -23,6 +32,12 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 /// Header carrying W3C baggage.
 pub const BAGGAGE: &str = "baggage";
+/// Header carrying the sender's workload identity as `kind/name` (e.g. `service/routing`),
+/// from its certificate, set by every [`crate::Bus`] publish and request. Informational:
+/// it labels edge metrics and is never used for access decisions (NATS permissions are).
+pub const FROM: &str = "patchbay-from";
+/// The `from`/`to` label when an identity is missing or malformed.
+pub const UNKNOWN_IDENTITY: &str = "unknown";
 
 static PROPAGATOR: LazyLock<TextMapCompositePropagator> = LazyLock::new(|| {
     TextMapCompositePropagator::new(vec![
@@ -108,6 +123,97 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
+/// Edge metrics: who published to whom, by subject class. Register once per registry and
+/// give a clone to every [`crate::BusConfig`] (see [`crate::BusConfig::metrics`]); a `Bus`
+/// without them counts nothing.
+#[derive(Debug, Clone)]
+pub struct BusMetrics {
+    published: IntCounterVec,
+    received: IntCounterVec,
+}
+
+impl BusMetrics {
+    /// Registers `patchbay_bus_messages_published_total{from,subject_class}` and
+    /// `patchbay_bus_messages_received_total{from,to,subject_class}` in `metrics`.
+    pub fn register(metrics: &Metrics) -> patchbay_telemetry::Result<Self> {
+        Ok(Self {
+            published: metrics.counter_vec(
+                "patchbay_bus_messages_published_total",
+                "Messages this process sent on the bus (publish, durable publish acknowledged \
+                 by its stream, answered request), by sender identity and subject class.",
+                &["from", "subject_class"],
+            )?,
+            received: metrics.counter_vec(
+                "patchbay_bus_messages_received_total",
+                "Messages this process took up for processing, by sender identity (the \
+                 patchbay-from header), receiver identity and subject class.",
+                &["from", "to", "subject_class"],
+            )?,
+        })
+    }
+
+    pub(crate) fn published(&self, from: &str, subject_class: &str) {
+        self.published
+            .with_label_values(&[from, subject_class])
+            .inc();
+    }
+
+    pub(crate) fn received(&self, from: &str, to: &str, subject_class: &str) {
+        self.received
+            .with_label_values(&[from, to, subject_class])
+            .inc();
+    }
+}
+
+/// `kind/name` of a SPIFFE identity, the form [`FROM`] carries.
+pub(crate) fn identity_label(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+/// The sender named by the [`FROM`] header, if it is a well-formed `kind/name` (two subject
+/// tokens). Anything else — absent, garbled, oversized — is `None`, so a misbehaving client
+/// cannot invent label values beyond the token grammar.
+#[must_use]
+pub fn sender(headers: Option<&HeaderMap>) -> Option<&str> {
+    let value = headers?.get(FROM)?.as_str();
+    let (kind, name) = value.split_once('/')?;
+    (Token::new(kind).is_ok() && Token::new(name).is_ok()).then_some(value)
+}
+
+/// The bounded label a subject is counted under (the installation prefix removed):
+///
+/// * `patchbay.…` subjects are kept whole — the only variable token is a function name,
+///   bounded by what is deployed (`patchbay.v1.fn.echo.invoke`);
+/// * `_INBOX.…` reply subjects become `_INBOX.>`, `$…` system subjects `$<first token>.>`;
+/// * every other subject of five or more tokens, `<domain>.<version>.<entity>.<id>.<rest…>`,
+///   has its fourth token (an entity id) replaced by `*`: `cc.v1.calls.c-17.routed` →
+///   `cc.v1.calls.*.routed`, `cc.v1.agents.a1.cmd.accept` → `cc.v1.agents.*.cmd.accept`;
+///   shorter subjects (`cc.v1.customers.lookup`, `cc.v1.queues.stats`) are kept whole.
+#[must_use]
+pub fn subject_class(subjects: &Subjects, subject: &str) -> String {
+    let tail = subjects.strip(subject).unwrap_or(subject);
+    if tail.starts_with("_INBOX.") {
+        return "_INBOX.>".to_owned();
+    }
+    if tail.starts_with('$') {
+        let first = tail.split('.').next().unwrap_or(tail);
+        return format!("{first}.>");
+    }
+    if tail.starts_with("patchbay.") {
+        return tail.to_owned();
+    }
+    let tokens: Vec<&str> = tail.split('.').collect();
+    if tokens.len() < 5 {
+        return tail.to_owned();
+    }
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| if i == 3 { "*" } else { t })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// A consumer-side `process` span for a message on `subject`, following OpenTelemetry
 /// messaging conventions, whose parent is the context the message carries (a root span
 /// when it carries none).
@@ -168,6 +274,46 @@ mod tests {
             trace_id(Some(&headers)).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
+    }
+
+    #[test]
+    fn subject_classes_collapse_entity_ids_and_keep_bounded_names() {
+        let plain = Subjects::default();
+        let prefixed = Subjects::new("acme.").unwrap_or_default();
+        let cases = [
+            ("cc.v1.calls.c-17.routed", "cc.v1.calls.*.routed"),
+            ("cc.v1.agents.a1.cmd.accept", "cc.v1.agents.*.cmd.accept"),
+            ("cc.v1.customers.lookup", "cc.v1.customers.lookup"),
+            ("cc.v1.queues.stats", "cc.v1.queues.stats"),
+            ("patchbay.v1.fn.echo.invoke", "patchbay.v1.fn.echo.invoke"),
+            ("patchbay.v1.dlq.echo", "patchbay.v1.dlq.echo"),
+            ("_INBOX.runtime.node-1.abc.def", "_INBOX.>"),
+            ("$JS.API.STREAM.INFO.X", "$JS.>"),
+        ];
+        for (subject, class) in cases {
+            assert_eq!(subject_class(&plain, subject), class, "{subject}");
+            // Inboxes and `$` subjects are never prefixed on the wire.
+            let wire = if subject.starts_with(['_', '$']) {
+                subject.to_owned()
+            } else {
+                prefixed.full(subject)
+            };
+            assert_eq!(subject_class(&prefixed, &wire), class, "{wire}");
+        }
+    }
+
+    #[test]
+    fn sender_accepts_only_kind_slash_name() {
+        let mut h = HeaderMap::new();
+        assert_eq!(sender(None), None);
+        assert_eq!(sender(Some(&h)), None);
+        h.insert(FROM, "service/routing");
+        assert_eq!(sender(Some(&h)), Some("service/routing"));
+        for bad in ["routing", "service/routing/x", "a b/c", "/x", "x/"] {
+            let mut h = HeaderMap::new();
+            h.insert(FROM, bad);
+            assert_eq!(sender(Some(&h)), None, "{bad}");
+        }
     }
 
     #[test]

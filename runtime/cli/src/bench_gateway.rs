@@ -15,8 +15,13 @@ use crate::certs::Identity;
 use crate::function::{DeployArgs, FnCommand};
 use crate::local::{self, NatsPlan, StateDir};
 
+/// What every `wasmtime serve` run gets: the `wasi:cli` interfaces a Rust `wasm32-wasip2`
+/// component imports through std (without them `wasmtime serve` refuses it).
+const BASE_FLAGS: &[&str] = &["-Scli"];
+
 /// The tuned pooling flags of PERFORMANCE.md, as `wasmtime serve` spells them.
 const TUNED_FLAGS: &[&str] = &[
+    "-Scli",
     "-O",
     "pooling-allocator=y",
     "-O",
@@ -72,7 +77,9 @@ async fn wait_for_200(url: &str, token: Option<&str>, limit: Duration) -> anyhow
 async fn http_status(url: &str, token: Option<&str>) -> Option<u16> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
     let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n");
@@ -117,7 +124,11 @@ fn parse_wrk(text: &str) -> anyhow::Result<Round> {
             (Some("50%"), Some(v)) => round.p50 = parse_latency(v)?,
             (Some("99%"), Some(v)) => round.p99 = parse_latency(v)?,
             (Some("Non-2xx"), _) => {
-                round.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                round.errors += line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
             }
             (Some("Socket"), Some("errors:")) => {
                 round.errors += line
@@ -150,7 +161,12 @@ fn parse_latency(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-fn wasmtime_serve(wasmtime: &Path, component: &Path, port: u16, flags: &[&str]) -> anyhow::Result<Killed> {
+fn wasmtime_serve(
+    wasmtime: &Path,
+    component: &Path,
+    port: u16,
+    flags: &[&str],
+) -> anyhow::Result<Killed> {
     let child = Command::new(wasmtime)
         .arg("serve")
         .args(flags)
@@ -173,7 +189,10 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the patchbay binary")?;
     let path = exe.with_file_name(name);
     if !path.is_file() {
-        bail!("{name} not found next to {}: `make build-release`", exe.display());
+        bail!(
+            "{name} not found next to {}: `make build-release`",
+            exe.display()
+        );
     }
     Ok(path)
 }
@@ -216,6 +235,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let gateway_process = Killed(
         Command::new(sibling("patchbay-gateway")?)
             .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
+            // The limiter still runs on every request; it just never refuses the load.
+            .args(["--rate", "100000000", "--burst", "100000000"])
             .env(crate::envfile::NATS_URL, &nats.url)
             .env(crate::envfile::NATS_CA, state.ca())
             .env(crate::envfile::NATS_CERT, &files.cert)
@@ -252,11 +273,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     let gateway_url = format!("http://127.0.0.1:{gateway_port}/bench/hello");
-    wait_for_200(&gateway_url, Some(&token), Duration::from_secs(60)).await?;
+    if let Err(e) = wait_for_200(&gateway_url, Some(&token), Duration::from_secs(60)).await {
+        let log = std::fs::read_to_string(dir.path().join("gateway.err")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        bail!("{e}; gateway log (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
 
     let default_port = free_port()?;
     let tuned_port = free_port()?;
-    let _default = wasmtime_serve(&args.wasmtime, &component, default_port, &[])?;
+    let _default = wasmtime_serve(&args.wasmtime, &component, default_port, BASE_FLAGS)?;
     let _tuned = wasmtime_serve(&args.wasmtime, &component, tuned_port, TUNED_FLAGS)?;
     let default_url = format!("http://127.0.0.1:{default_port}/bench/hello");
     let tuned_url = format!("http://127.0.0.1:{tuned_port}/bench/hello");
@@ -273,7 +298,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     let targets: [(&str, &str, Option<&str>); 3] = [
         ("wasmtime serve, tuned pooling", &tuned_url, None),
-        ("wasmtime serve, default flags", &default_url, None),
+        ("wasmtime serve -Scli (defaults)", &default_url, None),
         ("patchbay gateway", &gateway_url, Some(&token)),
     ];
     let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
@@ -299,7 +324,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         })
         .collect();
     println!();
-    println!("{:<32} {:>10} {:>10} {:>10} {:>7}", "", "req/s", "p50", "p99", "errors");
+    println!(
+        "{:<32} {:>10} {:>10} {:>10} {:>7}",
+        "", "req/s", "p50", "p99", "errors"
+    );
     for ((name, _, _), r) in targets.iter().zip(&medians) {
         println!(
             "{:<32} {:>10.0} {:>10} {:>10} {:>7}",

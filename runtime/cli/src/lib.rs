@@ -13,7 +13,8 @@
 //!   shared by `patchbay up` and the integration-test harness;
 //! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
 //! * [`function`] — the `patchbay fn …` commands; [`token`] — `patchbay token …` (gateway
-//!   API tokens); [`up`] — `patchbay up`; [`bench`], [`bench_gateway`] — `patchbay bench`.
+//!   API tokens); [`up`] — `patchbay up`; [`bench`], [`bench_gateway`] — `patchbay bench`;
+//!   [`status`] — `patchbay status` (components by NATS micro discovery, functions).
 //!
 //! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
@@ -27,6 +28,7 @@ pub mod envfile;
 pub mod function;
 pub mod local;
 pub mod natsconf;
+pub mod status;
 pub mod streams;
 pub mod token;
 pub mod up;

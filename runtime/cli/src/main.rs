@@ -43,6 +43,9 @@ enum Command {
     /// API tokens for the HTTP gateway: create, list, revoke (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Every running service, runtime node and gateway ($SRV discovery) and every
+    /// function, with versions, health, rates and errors.
+    Status(patchbay_cli::status::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +116,12 @@ async fn main() -> anyhow::Result<()> {
             patchbay_cli::token::run(cmd, bus)
                 .await
                 .context("token command failed")
+        }
+        Command::Status(args) => {
+            let bus = cli.connection.connect().await?;
+            patchbay_cli::status::run(args, bus)
+                .await
+                .context("status failed")
         }
     }
 }

@@ -151,7 +151,9 @@ impl Workload {
     fn spawn(&self, state: &StateDir, url: &str) -> anyhow::Result<(Supervised, PathBuf)> {
         let program = sibling(self.binary)?;
         let files = state.identity(&self.identity);
-        let log = state.logs().join(format!("{}.log", self.label.replace(' ', "-")));
+        let log = state
+            .logs()
+            .join(format!("{}.log", self.label.replace(' ', "-")));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(&program)
             .args(&self.args)

@@ -59,10 +59,9 @@ impl FromRequestParts<Shared> for Caller {
             }
             e.problem()
         })?;
-        if let Err(retry_after) =
-            state
-                .limiter
-                .check(&record.id, record.rate_per_sec, record.burst)
+        if let Err(retry_after) = state
+            .limiter
+            .check(&record.id, record.rate_per_sec, record.burst)
         {
             refused("rate-limited");
             return Err(Problem::too_many_requests(retry_after));

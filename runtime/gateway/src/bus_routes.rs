@@ -245,7 +245,9 @@ async fn forward(
             RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
                 Problem::gateway_timeout(format!("no reply from {subject} before the deadline"))
             }
-            RequestErrorKind::TooLarge => Problem::payload_too_large(state.bus.max_payload() as u64),
+            RequestErrorKind::TooLarge => {
+                Problem::payload_too_large(state.bus.max_payload() as u64)
+            }
             RequestErrorKind::Other => {
                 tracing::warn!(error = %e, "request failed");
                 Problem::internal()
@@ -310,7 +312,10 @@ fn error_problem(function: &str, kind: ErrorKind, message: &str) -> Problem {
         }
         // Traps, memory, forbidden outputs, internal errors: details stay in the logs
         // and traces of the node, not in a response to an external caller.
-        ErrorKind::OutOfMemory | ErrorKind::Trap | ErrorKind::ForbiddenOutput | ErrorKind::Internal => {
+        ErrorKind::OutOfMemory
+        | ErrorKind::Trap
+        | ErrorKind::ForbiddenOutput
+        | ErrorKind::Internal => {
             tracing::warn!(function, ?kind, message, "function failed");
             Problem::internal()
         }
@@ -327,7 +332,9 @@ fn passthrough(reply: async_nats::Message) -> Response {
             let name: &str = name.as_ref();
             if let (Ok(name), Some(value)) = (
                 http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()),
-                values.last().and_then(|v| http::HeaderValue::from_str(v.as_str()).ok()),
+                values
+                    .last()
+                    .and_then(|v| http::HeaderValue::from_str(v.as_str()).ok()),
             ) {
                 out.insert(name, value);
             }
@@ -381,7 +388,11 @@ fn deadline(state: &Shared, headers: &HeaderMap) -> Result<Deadline, Problem> {
 }
 
 /// The whole body, refused with 413 past `limit` (at once when `Content-Length` says so).
-pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, Problem> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, Problem> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -400,7 +411,12 @@ fn cloud_event(headers: &HeaderMap, data: Bytes) -> Result<CloudEvent, EventProb
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     if media == BATCH_CONTENT_TYPE {
         return Err(EventProblem::Batch);
     }
@@ -448,7 +464,9 @@ fn nats_headers(headers: &HeaderMap) -> async_nats::HeaderMap {
 enum EventProblem {
     #[error("{0}")]
     Event(EventError),
-    #[error("batched CloudEvents ({BATCH_CONTENT_TYPE}) are not accepted: send one event per request")]
+    #[error(
+        "batched CloudEvents ({BATCH_CONTENT_TYPE}) are not accepted: send one event per request"
+    )]
     Batch,
 }
 

@@ -55,7 +55,9 @@ impl Mounted {
             Some(base) => {
                 let below = base.is_empty()
                     || path == base
-                    || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'));
+                    || path
+                        .strip_prefix(base)
+                        .is_some_and(|rest| rest.starts_with('/'));
                 below.then_some(base.len())
             }
         }
@@ -140,8 +142,7 @@ pub async fn watch(state: Shared, registry: Registry, ready: ReadyFlag) {
             }
         };
         match entry.operation {
-            kv::Operation::Put => match patchbay_host::registry::decode(&entry.key, &entry.value)
-            {
+            kv::Operation::Put => match patchbay_host::registry::decode(&entry.key, &entry.value) {
                 Ok(spec) => apply(&state, &registry, spec).await,
                 Err(e) => tracing::error!(error = %e, "ignoring corrupt function spec"),
             },
@@ -154,7 +155,9 @@ pub async fn watch(state: Shared, registry: Registry, ready: ReadyFlag) {
 async fn apply(state: &Shared, registry: &Registry, spec: FunctionSpec) {
     let version = match spec.active_version() {
         Ok(v) => v.clone(),
-        Err(e) => return tracing::error!(function = %spec.name, error = %e, "ignoring function spec"),
+        Err(e) => {
+            return tracing::error!(function = %spec.name, error = %e, "ignoring function spec");
+        }
     };
     let Trigger::Http { route } = &version.trigger else {
         // Not (or no longer) an HTTP function.
@@ -197,7 +200,11 @@ async fn apply(state: &Shared, registry: &Registry, spec: FunctionSpec) {
     state
         .metrics
         .functions
-        .with_label_values(&[spec.name.as_str(), &version.version.to_string(), route.as_str()])
+        .with_label_values(&[
+            spec.name.as_str(),
+            &version.version.to_string(),
+            route.as_str(),
+        ])
         .set(1.0);
     if let Some(old) = state.functions.insert(mounted) {
         forget_gauge(state, &old);
@@ -238,7 +245,11 @@ async fn load(engine: &Engine, registry: &Registry, digest: &str) -> Result<Http
 }
 
 /// The gateway's fallback: serve the request with the HTTP function whose route matches.
-pub async fn serve(State(state): State<Shared>, caller: Result<Caller, Problem>, request: Request) -> Response {
+pub async fn serve(
+    State(state): State<Shared>,
+    caller: Result<Caller, Problem>,
+    request: Request,
+) -> Response {
     let path = request.uri().path().to_owned();
     let Some(function) = state.functions.find(&path) else {
         return Problem::not_found()
@@ -267,7 +278,10 @@ async fn call(state: &Shared, function: &Mounted, request: Request) -> Response 
     let (mut parts, body) = request.into_parts();
     if parts.uri.authority().is_none() && !parts.headers.contains_key(http::header::HOST) {
         // wasi:http needs an authority; HTTP/1.0 clients may send none.
-        parts.headers.insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+        parts.headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("localhost"),
+        );
     }
     let body = Limited::new(body, limit).map_err(move |e| -> wasmtime_wasi_http::Error {
         if e.is::<http_body_util::LengthLimitError>() {
@@ -285,7 +299,13 @@ async fn call(state: &Shared, function: &Mounted, request: Request) -> Response 
     };
     match function
         .code
-        .handle(&state.engine, request, scheme, &function.limits, Some(deadline))
+        .handle(
+            &state.engine,
+            request,
+            scheme,
+            &function.limits,
+            Some(deadline),
+        )
         .await
     {
         Ok(response) => response.map(Body::new),
@@ -296,10 +316,10 @@ async fn call(state: &Shared, function: &Mounted, request: Request) -> Response 
                     "{} did not respond before the deadline",
                     function.name
                 )),
-                HttpInvokeError::AtCapacity { .. } => Problem::service_unavailable(
-                    "no free instance slot; retry shortly".to_owned(),
-                )
-                .with_retry_after(Duration::from_secs(1)),
+                HttpInvokeError::AtCapacity { .. } => {
+                    Problem::service_unavailable("no free instance slot; retry shortly".to_owned())
+                        .with_retry_after(Duration::from_secs(1))
+                }
                 HttpInvokeError::ErrorCode { .. } | HttpInvokeError::Trap { .. } => {
                     Problem::internal()
                 }

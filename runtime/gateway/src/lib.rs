@@ -12,6 +12,8 @@
 //!   document at `/openapi.json`;
 //! * [`observe`] — a server span continuing the caller's `traceparent` (and returning
 //!   it), the deadline every bus message carries, metrics per route and status;
+//! * [`discovery`] — the `$SRV` (NATS micro) answers: HTTP functions and routes with
+//!   their request and 5xx counts;
 //! * [`server`] — listener (plain or rustls TLS), graceful drain, [`run`].
 //!
 //! Health and metrics are on the admin listener of `patchbay-telemetry`, never on the
@@ -20,6 +22,7 @@
 pub mod auth;
 pub mod bus_routes;
 pub mod config;
+pub mod discovery;
 pub mod functions;
 pub mod observe;
 pub mod openapi;

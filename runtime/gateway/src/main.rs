@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use patchbay_bus::args::BusArgs;
+use patchbay_bus::trace::BusMetrics;
 use patchbay_gateway::{GatewayConfig, TlsFiles};
 use patchbay_host::EngineConfig;
 use patchbay_telemetry::{
@@ -22,7 +23,11 @@ struct Args {
     #[arg(long, env = "PATCHBAY_GATEWAY_NAME", default_value = "gateway")]
     name: String,
     /// Public listener.
-    #[arg(long, env = "PATCHBAY_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "PATCHBAY_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     listen: SocketAddr,
     /// Terminate TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "PATCHBAY_GATEWAY_TLS_CERT", requires = "tls_key")]
@@ -73,14 +78,22 @@ async fn main() -> anyhow::Result<()> {
         .telemetry
         .config("patchbay-gateway", &args.name, |k| std::env::var(k).ok())
         .context("invalid telemetry settings")?;
-    let _guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
+    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
 
     let metrics = Metrics::new();
+    guard
+        .register_metrics(&metrics)
+        .context("failed to register span export metrics")?;
     let health = Health::new();
     let ready = health.register("registry");
     let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
         .await
-        .with_context(|| format!("failed to bind admin listener {}", args.telemetry.admin_listen))?;
+        .with_context(|| {
+            format!(
+                "failed to bind admin listener {}",
+                args.telemetry.admin_listen
+            )
+        })?;
     tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
     tokio::spawn(serve_admin(
         admin,
@@ -91,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
     let bus = args
         .bus
         .config(format!("patchbay-gateway/{}", args.name))
-        .context("invalid subject prefix")?;
+        .context("invalid subject prefix")?
+        .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?);
     let mut config = GatewayConfig::new(bus, args.listen);
     config.name = args.name;
     config.tls = args

@@ -13,8 +13,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http::HeaderValue;
 use opentelemetry::propagation::{Extractor, Injector};
-use patchbay_telemetry::{DURATION_BUCKETS_SECONDS, Metrics};
-use prometheus::{GaugeVec, HistogramVec, IntCounterVec};
+use patchbay_telemetry::{DURATION_BUCKETS_SECONDS, ExemplarHistogramVec, Metrics};
+use prometheus::{GaugeVec, IntCounterVec};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -23,8 +23,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 pub struct GatewayMetrics {
     /// Requests by route and status code.
     pub requests: IntCounterVec,
-    /// Time to response head by route.
-    pub duration: HistogramVec,
+    /// Time to response head by route; OpenMetrics carries the request's trace id as
+    /// exemplar.
+    pub duration: ExemplarHistogramVec,
     /// Requests in flight by route.
     pub in_flight: GaugeVec,
     /// Requests refused before a handler ran, by reason (auth, rate, size…).
@@ -42,7 +43,7 @@ impl GatewayMetrics {
                 "HTTP requests answered, by route template, method and status code",
                 &["route", "method", "status"],
             )?,
-            duration: metrics.histogram_vec(
+            duration: metrics.histogram_vec_with_exemplars(
                 "patchbay_gateway_request_duration_seconds",
                 "Time from request to response head, by route template",
                 &["route", "method"],
@@ -144,6 +145,6 @@ pub async fn observe(
     metrics
         .duration
         .with_label_values(&[route.as_str(), method.as_str()])
-        .observe(started.elapsed().as_secs_f64());
+        .observe_in(started.elapsed().as_secs_f64(), &span);
     response
 }

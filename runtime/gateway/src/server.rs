@@ -109,9 +109,15 @@ impl StreamIndex {
 /// The public router (without state).
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/v1/events/{subject}", post(crate::bus_routes::publish_event))
+        .route(
+            "/v1/events/{subject}",
+            post(crate::bus_routes::publish_event),
+        )
         .route("/v1/request/{subject}", post(crate::bus_routes::request))
-        .route("/v1/functions/{name}/invoke", post(crate::bus_routes::invoke))
+        .route(
+            "/v1/functions/{name}/invoke",
+            post(crate::bus_routes::invoke),
+        )
         .route("/openapi.json", get(crate::openapi::document))
         .fallback(crate::functions::serve)
         .layer(axum::middleware::from_fn_with_state(
@@ -129,26 +135,33 @@ pub async fn run(
     ready: ReadyFlag,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GatewayError> {
-    let setup = |what: &'static str| move |e: &dyn std::fmt::Display| GatewayError::Setup {
-        what,
-        reason: e.to_string(),
+    let setup = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| GatewayError::Setup {
+            what,
+            reason: e.to_string(),
+        }
     };
     let bus = patchbay_bus::connect(&config.bus).await?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                address: config.listen,
+                source,
+            })?;
+    let local = listener
+        .local_addr()
         .map_err(|source| GatewayError::Listen {
             address: config.listen,
             source,
         })?;
-    let local = listener.local_addr().map_err(|source| GatewayError::Listen {
-        address: config.listen,
-        source,
-    })?;
     if let Some(path) = &config.address_file {
         std::fs::write(path, local.to_string()).map_err(|e| setup("address file")(&e))?;
     }
-    let tokens = TokenStore::open(&bus).await.map_err(|e| setup("token store")(&e))?;
+    let tokens = TokenStore::open(&bus)
+        .await
+        .map_err(|e| setup("token store")(&e))?;
     let registry = Registry::open(&bus.jetstream())
         .await
         .map_err(|e| setup("function registry")(&e))?;
@@ -174,6 +187,7 @@ pub async fn run(
         registry,
         ready.clone(),
     ));
+    let discovery = crate::discovery::register(&state, local).await;
     tracing::info!(address = %local, tls = tls.is_some(), "gateway listening");
 
     let app = router(Arc::clone(&state));
@@ -201,7 +215,8 @@ pub async fn run(
         tokio::spawn(async move {
             let served = match tls {
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
@@ -228,6 +243,9 @@ pub async fn run(
         tracing::warn!("drain timeout: closing the remaining connections");
     }
     watcher.abort();
+    if let Some(discovery) = discovery {
+        discovery.stop().await;
+    }
     let _ = state.bus.client().flush().await;
     Ok(())
 }

@@ -120,9 +120,10 @@ pub(crate) async fn run(
     f.metrics
         .instantiate
         .observe(outcome.stats.instantiate.as_secs_f64());
-    f.metrics
-        .duration
-        .observe((outcome.stats.instantiate + outcome.stats.call).as_secs_f64());
+    f.metrics.duration.observe_in(
+        (outcome.stats.instantiate + outcome.stats.call).as_secs_f64(),
+        &tracing::Span::current(),
+    );
     capabilities.flush_logs(&input_id).await;
     match outcome.result {
         Ok(Ok(outputs)) => Outcome::Ok(

@@ -15,6 +15,7 @@
 //! * [`triggers`] — subject, stream, schedule and invoke triggers (one shape);
 //! * [`dispatch`] — the one invocation path and the NATS-backed imports;
 //! * [`reply`], [`dlq`] — what callers and the dead-letter stream receive;
+//! * [`discovery`] — the node's `$SRV` (NATS micro) answers: one endpoint per function;
 //! * [`schedule`] — cron parsing; [`metrics`] — the host's Prometheus metrics.
 
 pub mod capabilities;
@@ -22,6 +23,7 @@ pub mod capabilities;
 pub use patchbay_bus::dlq;
 /// Invocation replies (defined on the wire crate, shared with the gateway and services).
 pub use patchbay_bus::reply;
+pub mod discovery;
 pub mod dispatch;
 pub mod engine;
 pub mod limits;
@@ -37,8 +39,8 @@ pub use triggers::status::{NodeStatus, ServedFunction};
 
 pub use capabilities::{HostCapabilities, MemoryCapabilities, PublishAllowList};
 pub use engine::{
-    Engine, EngineConfig, EngineError, FunctionCode, HttpCode, HttpInvokeError, HttpResponse, Invocation, InvocationStats, InvokeError,
-    InvokeErrorKind, InvokeOutcome, LoadError,
+    Engine, EngineConfig, EngineError, FunctionCode, HttpCode, HttpInvokeError, HttpResponse,
+    Invocation, InvocationStats, InvokeError, InvokeErrorKind, InvokeOutcome, LoadError,
 };
 pub use limits::Limits;
 pub use world::{BusError, Event, Failure, KvError, Level, Retry};

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use patchbay_bus::args::BusArgs;
+use patchbay_bus::trace::BusMetrics;
 use patchbay_host::{EngineConfig, NodeConfig};
 use patchbay_telemetry::{
     Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
@@ -41,9 +42,12 @@ async fn main() -> anyhow::Result<()> {
         .telemetry
         .config("patchbay-runtime", &args.node, |k| std::env::var(k).ok())
         .context("invalid telemetry settings")?;
-    let _guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
+    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
 
     let metrics = Metrics::new();
+    guard
+        .register_metrics(&metrics)
+        .context("failed to register span export metrics")?;
     let health = Health::new();
     let ready = health.register("registry");
     let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
@@ -70,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
         bus: args
             .bus
             .config(format!("patchbay-runtime/{}", args.node))
-            .context("invalid subject prefix")?,
+            .context("invalid subject prefix")?
+            .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?),
         node: args.node,
         engine,
         drain_timeout: args.drain_timeout,

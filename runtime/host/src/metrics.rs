@@ -1,6 +1,8 @@
 //! The function host's Prometheus metrics (names are stable and documented in README).
 
-use patchbay_telemetry::{DURATION_BUCKETS_SECONDS, Metrics};
+use patchbay_telemetry::{
+    DURATION_BUCKETS_SECONDS, ExemplarHistogram, ExemplarHistogramVec, Metrics,
+};
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounterVec};
 
 /// Buckets for instantiation, which takes microseconds, not milliseconds.
@@ -14,8 +16,9 @@ pub struct HostMetrics {
     /// `patchbay_fn_invocations_total{function,version,trigger,outcome}`: outcome is `ok`,
     /// `retry`, `dead-letter`, `drop` or an error kind (`trap`, `timeout`, …).
     pub invocations: IntCounterVec,
-    /// `patchbay_fn_duration_seconds{function,version}`: instantiate + call.
-    pub duration: HistogramVec,
+    /// `patchbay_fn_duration_seconds{function,version}`: instantiate + call; OpenMetrics
+    /// carries the invocation's trace id as exemplar.
+    pub duration: ExemplarHistogramVec,
     /// `patchbay_fn_instantiate_seconds{function,version}`.
     pub instantiate: HistogramVec,
     /// `patchbay_fn_inflight{function}`: invocations running now on this node.
@@ -37,7 +40,7 @@ impl HostMetrics {
                 "Function invocations by outcome.",
                 &["function", "version", "trigger", "outcome"],
             )?,
-            duration: metrics.histogram_vec(
+            duration: metrics.histogram_vec_with_exemplars(
                 "patchbay_fn_duration_seconds",
                 "Time from instantiation to the handler's return.",
                 &["function", "version"],
@@ -78,7 +81,7 @@ impl HostMetrics {
 #[derive(Clone, Debug)]
 pub(crate) struct VersionMetrics {
     pub inflight: Gauge,
-    pub duration: Histogram,
+    pub duration: ExemplarHistogram,
     pub instantiate: Histogram,
 }
 

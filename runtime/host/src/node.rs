@@ -170,6 +170,7 @@ pub async fn run(
     }
     let invoke = tokio::spawn(triggers::invoke::run(Arc::clone(&node)));
     let status = tokio::spawn(triggers::status::run(Arc::clone(&node)));
+    let discovery = crate::discovery::register(&node).await;
     let watcher = tokio::spawn(Arc::clone(&node).watch_registry());
     ready.set_ready(true);
     tracing::info!(node = %node.name, "runtime node ready");
@@ -194,6 +195,9 @@ pub async fn run(
     }
     invoke.abort();
     status.abort();
+    if let Some(discovery) = discovery {
+        discovery.stop().await;
+    }
     let _ = node.bus.client().flush().await;
     Ok(())
 }

@@ -8,7 +8,10 @@
 //!   W3C `traceparent` + `baggage` propagator that `runtime/bus` uses through
 //!   `opentelemetry::global` to carry trace context across NATS hops;
 //! * [`Metrics`] wraps the process's Prometheus registry, holds the naming rules and encodes
-//!   `/metrics` in the classic text format or OpenMetrics;
+//!   `/metrics` in the classic text format or OpenMetrics; [`ExemplarHistogramVec`] and
+//!   [`ExemplarCounterVec`] add trace-id exemplars to the OpenMetrics output;
+//! * [`TelemetryGuard::register_metrics`] exposes the span exporter's own counters
+//!   (`patchbay_telemetry_spans_exported_total`, `patchbay_telemetry_spans_dropped_total`);
 //! * [`Health`] collects readiness checks; [`admin_router`] and [`serve_admin`] serve
 //!   `/metrics`, `/healthz` and `/readyz` on a separate admin listener.
 //!
@@ -22,8 +25,10 @@
 
 mod admin;
 mod config;
+mod exemplar;
 mod health;
 mod metrics;
+mod span_export;
 mod traces;
 
 #[cfg(feature = "cli")]
@@ -32,6 +37,9 @@ pub use admin::{admin_router, serve_admin};
 #[cfg(feature = "cli")]
 pub use args::{TelemetryArgs, shutdown_signal};
 pub use config::{LogFormat, OtlpConfig, OtlpProtocol, TelemetryConfig};
+pub use exemplar::{
+    ExemplarCounter, ExemplarCounterVec, ExemplarHistogram, ExemplarHistogramVec, sampled_trace_id,
+};
 pub use health::{Health, ReadyFlag};
 pub use metrics::{
     CLASSIC_TEXT_CONTENT_TYPE, DURATION_BUCKETS_SECONDS, METRIC_PREFIX, Metrics,

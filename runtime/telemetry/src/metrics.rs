@@ -1,11 +1,15 @@
 //! [`Metrics`]: the process's Prometheus registry, the metric naming rules, and the
-//! `/metrics` encoders (classic text format 0.0.4 and OpenMetrics 1.0 text).
+//! `/metrics` encoders (classic text format 0.0.4 and OpenMetrics 1.0 text, the latter with
+//! exemplars).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
+use crate::exemplar::{Exemplar, ExemplarCounterVec, ExemplarHistogramVec, ExemplarTable};
 use crate::{Result, TelemetryError};
 
 /// Every Patchbay metric name starts with this. The prefix is part of each name (not added
@@ -29,11 +33,14 @@ pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
 /// `_total`, so a counter named otherwise would change its series name between formats).
 /// Metrics registered straight into [`Metrics::registry`] skip these checks.
 ///
-/// OpenMetrics output carries no exemplars yet: `prometheus` 0.14 has no exemplar support;
-/// trace-id exemplars arrive with issue 6.
+/// Families made with [`Metrics::histogram_vec_with_exemplars`] or
+/// [`Metrics::counter_vec_with_exemplars`] carry exemplars (`# {trace_id="…"} value
+/// timestamp`) in OpenMetrics output; the classic text format has no exemplars.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     registry: Registry,
+    /// Exemplar side tables by family name (`prometheus` 0.14 has no exemplar support).
+    exemplars: Arc<RwLock<HashMap<String, Arc<ExemplarTable>>>>,
 }
 
 impl Metrics {
@@ -81,6 +88,52 @@ impl Metrics {
         self.register(name, metric)
     }
 
+    /// Like [`Metrics::histogram_vec`], keeping the trace id of a recent observation per
+    /// bucket as an OpenMetrics exemplar (see [`ExemplarHistogramVec`]).
+    pub fn histogram_vec_with_exemplars(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Result<ExemplarHistogramVec> {
+        let inner = self.histogram_vec(name, help, labels, buckets)?;
+        let table = self.exemplar_table(name, labels, buckets);
+        Ok(ExemplarHistogramVec { inner, table })
+    }
+
+    /// Like [`Metrics::counter_vec`], keeping the trace id of a recent increment per series
+    /// as an OpenMetrics exemplar (see [`ExemplarCounterVec`]).
+    pub fn counter_vec_with_exemplars(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<ExemplarCounterVec> {
+        let inner = self.counter_vec(name, help, labels)?;
+        let table = self.exemplar_table(name, labels, &[]);
+        Ok(ExemplarCounterVec { inner, table })
+    }
+
+    fn exemplar_table(&self, name: &str, labels: &[&str], bounds: &[f64]) -> Arc<ExemplarTable> {
+        let table = Arc::new(ExemplarTable::new(labels, bounds));
+        self.exemplars
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), Arc::clone(&table));
+        table
+    }
+
+    /// Registers an already built metric under the naming rules (`counter`: whether it is
+    /// a counter family, whose name must end in `_total`).
+    pub(crate) fn register_checked<M>(&self, name: &str, counter: bool, metric: M) -> Result<M>
+    where
+        M: prometheus::core::Collector + Clone + 'static,
+    {
+        check_name(name, counter)?;
+        self.register(name, metric)
+    }
+
     fn register<M>(&self, name: &str, metric: M) -> Result<M>
     where
         M: prometheus::core::Collector + Clone + 'static,
@@ -98,14 +151,19 @@ impl Metrics {
     pub fn encode(&self, accept: Option<&str>) -> (&'static str, String) {
         let families = self.registry.gather();
         if accept.is_some_and(prefers_openmetrics) {
+            let exemplars = self
+                .exemplars
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
             (
                 OPENMETRICS_CONTENT_TYPE,
-                encode_text(&families, Dialect::OpenMetrics),
+                encode_text(&families, Dialect::OpenMetrics, &exemplars),
             )
         } else {
             (
                 CLASSIC_TEXT_CONTENT_TYPE,
-                encode_text(&families, Dialect::Classic),
+                encode_text(&families, Dialect::Classic, &HashMap::new()),
             )
         }
     }
@@ -181,7 +239,14 @@ enum Dialect {
 /// One encoder for both formats, so label escaping and number formatting agree and series
 /// keep the same identity whichever format the scraper picks. (`prometheus`'s own text
 /// encoder also panics on untyped metrics; this one does not.)
-fn encode_text(families: &[MetricFamily], dialect: Dialect) -> String {
+///
+/// `exemplars` (OpenMetrics only) holds the side tables of families that keep them; an
+/// exemplar follows the counter sample or the bucket line it belongs to.
+fn encode_text(
+    families: &[MetricFamily],
+    dialect: Dialect,
+    exemplars: &HashMap<String, Arc<ExemplarTable>>,
+) -> String {
     let om = dialect == Dialect::OpenMetrics;
     let mut out = String::new();
     for mf in families {
@@ -207,47 +272,73 @@ fn encode_text(families: &[MetricFamily], dialect: Dialect) -> String {
             MetricType::UNTYPED => "untyped",
         };
         let _ = writeln!(out, "# TYPE {family} {type_name}");
+        let table = if om { exemplars.get(name) } else { None };
         for m in mf.get_metric() {
-            let mut sample = |suffix: &str, extra: Option<(&str, &str)>, value: &str| {
+            let slots = table
+                .and_then(|t| {
+                    let labels: Vec<(&str, &str)> = m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name(), l.value()))
+                        .collect();
+                    t.lookup(&labels)
+                })
+                .unwrap_or_default();
+            let slot = |i: usize| slots.get(i).copied().flatten();
+            let mut sample = |suffix: &str,
+                              extra: Option<(&str, &str)>,
+                              value: &str,
+                              exemplar: Option<Exemplar>| {
                 let base = if kind == MetricType::COUNTER {
                     counter_sample.as_str()
                 } else {
                     name
                 };
                 write_sample(&mut out, base, suffix, m, extra, value, dialect);
+                if let Some(e) = exemplar {
+                    write_exemplar(&mut out, &e);
+                }
+                out.push('\n');
             };
             match kind {
-                MetricType::COUNTER => sample("", None, &number(m.get_counter().get_value())),
-                MetricType::GAUGE => sample("", None, &number(m.get_gauge().get_value())),
+                MetricType::COUNTER => {
+                    sample("", None, &number(m.get_counter().get_value()), slot(0));
+                }
+                MetricType::GAUGE => sample("", None, &number(m.get_gauge().get_value()), None),
                 // Deprecated because the plain model may drop untyped metrics one day; until
                 // then a custom collector can still produce them.
                 #[allow(deprecated)]
-                MetricType::UNTYPED => sample("", None, &number(m.get_untyped().get_value())),
+                MetricType::UNTYPED => {
+                    sample("", None, &number(m.get_untyped().get_value()), None);
+                }
                 MetricType::HISTOGRAM => {
                     let h = m.get_histogram();
+                    let buckets = h.get_bucket();
                     let mut inf_seen = false;
-                    for b in h.get_bucket() {
+                    for (i, b) in buckets.iter().enumerate() {
                         let bound = b.upper_bound();
                         inf_seen |= bound == f64::INFINITY;
                         let le = number(bound);
                         let count = b.cumulative_count().to_string();
-                        sample("_bucket", Some(("le", &le)), &count);
+                        sample("_bucket", Some(("le", &le)), &count, slot(i));
                     }
                     let count = h.get_sample_count().to_string();
                     if !inf_seen {
-                        sample("_bucket", Some(("le", "+Inf")), &count);
+                        let inf = slot(buckets.len());
+                        sample("_bucket", Some(("le", "+Inf")), &count, inf);
                     }
-                    sample("_sum", None, &number(h.get_sample_sum()));
-                    sample("_count", None, &count);
+                    sample("_sum", None, &number(h.get_sample_sum()), None);
+                    sample("_count", None, &count, None);
                 }
                 MetricType::SUMMARY => {
                     let s = m.get_summary();
                     for q in s.get_quantile() {
                         let quantile = number(q.quantile());
-                        sample("", Some(("quantile", &quantile)), &number(q.value()));
+                        let value = number(q.value());
+                        sample("", Some(("quantile", &quantile)), &value, None);
                     }
-                    sample("_sum", None, &number(s.sample_sum()));
-                    sample("_count", None, &s.sample_count().to_string());
+                    sample("_sum", None, &number(s.sample_sum()), None);
+                    sample("_count", None, &s.sample_count().to_string(), None);
                 }
             }
         }
@@ -299,7 +390,18 @@ fn write_sample(
             }
         }
     }
-    out.push('\n');
+}
+
+/// ` # {trace_id="…"} value timestamp`, appended to an OpenMetrics sample line. The label
+/// set (a 32-hex trace id) stays far below the 128-character limit of the specification.
+fn write_exemplar(out: &mut String, e: &Exemplar) {
+    let _ = write!(
+        out,
+        " # {{trace_id=\"{}\"}} {} {}",
+        e.trace_id,
+        number(e.value),
+        number(e.timestamp)
+    );
 }
 
 /// Label values (both formats) and OpenMetrics HELP escape `\`, newline and `"`; classic
@@ -409,6 +511,67 @@ patchbay_queue_depth{queue=\"sales\\n\\\"eu\\\"\"} 2
         );
         assert!(body.ends_with("\n# EOF\n"), "{body}");
         assert_eq!(body.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn openmetrics_carries_exemplars_and_classic_text_does_not() {
+        let metrics = Metrics::new();
+        let duration = metrics
+            .histogram_vec_with_exemplars(
+                "patchbay_fn_duration_seconds",
+                "Invocation time.",
+                &["function", "version"],
+                &[0.1, 1.0],
+            )
+            .unwrap();
+        let calls = metrics
+            .counter_vec_with_exemplars("patchbay_calls_total", "Calls.", &["queue"])
+            .unwrap();
+        let trace_id =
+            opentelemetry::trace::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let echo = duration.with_label_values(&["echo", "1"]);
+        echo.observe_with_exemplar(0.5, Some(trace_id));
+        echo.observe(0.05);
+        duration
+            .with_label_values(&["other", "1"])
+            .observe_with_exemplar(5.0, None);
+        calls
+            .with_label_values(&["sales"])
+            .inc_with_exemplar(Some(trace_id));
+
+        let (_, body) = metrics.encode(Some("application/openmetrics-text"));
+        let exemplar = "# {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"}";
+        let line = |prefix: &str| {
+            body.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no line {prefix} in {body}"))
+                .to_owned()
+        };
+        // Only the bucket the value fell in carries it, with the observed value.
+        assert!(
+            line(
+                "patchbay_fn_duration_seconds_bucket{function=\"echo\",version=\"1\",le=\"1\"} 2 "
+            )
+            .contains(&format!("{exemplar} 0.5 ")),
+            "{body}"
+        );
+        assert!(
+            !line("patchbay_fn_duration_seconds_bucket{function=\"echo\",version=\"1\",le=\"0.1\"")
+                .contains('#')
+        );
+        assert!(
+            !line(
+                "patchbay_fn_duration_seconds_bucket{function=\"other\",version=\"1\",le=\"+Inf\""
+            )
+            .contains('#')
+        );
+        assert!(
+            line("patchbay_calls_total{queue=\"sales\"} 1 ").contains(&format!("{exemplar} 1 "))
+        );
+        assert_eq!(body.matches("trace_id").count(), 2, "{body}");
+
+        let (_, classic) = metrics.encode(None);
+        assert!(!classic.contains("trace_id"), "{classic}");
     }
 
     #[test]

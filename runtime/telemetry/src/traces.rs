@@ -12,15 +12,14 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::resource::{ResourceDetector, TelemetryResourceDetector};
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
-};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, OtlpConfig, OtlpProtocol, TelemetryConfig};
-use crate::{Result, TelemetryError};
+use crate::span_export::{BatchSettings, SpanExportMetrics, counting_batch_processor};
+use crate::{Metrics, Result, TelemetryError};
 
 /// Spans waiting for export. When the queue is full, finished spans are dropped instead of
 /// blocking the code that ended them (the OpenTelemetry default size).
@@ -50,9 +49,11 @@ const TRACER_NAME: &str = "patchbay";
 /// **Export on** (`cfg.otlp` is `Some`): spans go through a batch processor to OTLP/HTTP
 /// (protobuf). The processor has its own thread and a bounded queue of
 /// [`SPAN_QUEUE_CAPACITY`] spans; ending a span only tries to enqueue it, so a slow or dead
-/// collector costs dropped spans, never latency on the hot path. The SDK (0.33) keeps its
-/// dropped-span count private: it logs a warning at the first drop and the total at shutdown
-/// (through `tracing`, target `opentelemetry_sdk`); no metric is exposed for it.
+/// collector costs dropped spans, never latency on the hot path. Every span's fate is
+/// counted — `patchbay_telemetry_spans_exported_total` and
+/// `patchbay_telemetry_spans_dropped_total{reason="queue_full"|"export_failed"}` — once the
+/// binary calls [`TelemetryGuard::register_metrics`] with its registry (both stay 0 with
+/// export off).
 /// New traces are sampled with `parentbased_traceidratio(sampling_ratio)`.
 ///
 /// **Export off** (`cfg.otlp` is `None`): the same layer runs over a tracer provider with no
@@ -78,7 +79,8 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard> {
             filter: cfg.log_filter.clone(),
             source,
         })?;
-    let provider = tracer_provider(cfg)?;
+    let span_metrics = SpanExportMetrics::new()?;
+    let provider = tracer_provider(cfg, &span_metrics)?;
 
     let (human, json) = match cfg.log_format {
         LogFormat::Human => (
@@ -124,10 +126,14 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard> {
     Ok(TelemetryGuard {
         provider: Some(provider),
         exporting: cfg.otlp.is_some(),
+        span_metrics,
     })
 }
 
-fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider> {
+fn tracer_provider(
+    cfg: &TelemetryConfig,
+    span_metrics: &SpanExportMetrics,
+) -> Result<SdkTracerProvider> {
     let resource = Resource::builder_empty()
         // telemetry.sdk.{name,language,version}; the env-reading detectors are left out.
         .with_attributes(
@@ -152,17 +158,16 @@ fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider> {
     if !(0.0..=1.0).contains(&ratio) {
         return Err(TelemetryError::InvalidSamplingRatio { ratio });
     }
-    let processor = BatchSpanProcessor::builder(span_exporter(otlp)?)
-        .with_batch_config(
-            // Queue and batch sizes set explicitly: the builder's defaults read OTEL_BSP_*
-            // variables. Each request is bounded by the exporter's `otlp.timeout`.
-            BatchConfigBuilder::default()
-                .with_max_queue_size(SPAN_QUEUE_CAPACITY)
-                .with_max_export_batch_size(EXPORT_BATCH_SIZE)
-                .with_scheduled_delay(EXPORT_INTERVAL)
-                .build(),
-        )
-        .build();
+    // Each export request is bounded by the exporter's `otlp.timeout`.
+    let processor = counting_batch_processor(
+        span_exporter(otlp)?,
+        BatchSettings {
+            capacity: SPAN_QUEUE_CAPACITY,
+            batch_size: EXPORT_BATCH_SIZE,
+            interval: EXPORT_INTERVAL,
+        },
+        span_metrics.clone(),
+    );
     Ok(builder
         .with_span_processor(processor)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -209,9 +214,17 @@ fn span_exporter(otlp: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter> 
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
     exporting: bool,
+    span_metrics: SpanExportMetrics,
 }
 
 impl TelemetryGuard {
+    /// Registers the span exporter's counters in `metrics` (the registry `/metrics`
+    /// serves): `patchbay_telemetry_spans_exported_total` and
+    /// `patchbay_telemetry_spans_dropped_total{reason}`. Call once per registry.
+    pub fn register_metrics(&self, metrics: &Metrics) -> Result<()> {
+        self.span_metrics.register(metrics)
+    }
+
     /// Whether spans are exported over OTLP (`false`: trace context only).
     #[must_use]
     pub fn is_exporting(&self) -> bool {

@@ -87,6 +87,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt as _, Stream, StreamExt as _};
+use patchbay_bus::discovery::{self, NoEndpoints, Registration};
 use patchbay_bus::trace;
 use patchbay_bus::{Bus, BusConfig, Clock, CloudEvent, SystemClock, Token};
 use patchbay_protocol::CcSubjects;
@@ -107,8 +108,11 @@ pub const COMMANDS_STREAM: &str = "CC_AGENT_CMDS";
 pub const CONSUMER: &str = "agents";
 /// The KV bucket holding the snapshot.
 pub const BUCKET: &str = "cc-agents";
-/// The NATS micro service name (answers `$SRV.PING|INFO|STATS.agents`).
+/// The service's short name (dead letters go to `patchbay.v1.dlq.agents`).
 pub const SERVICE_NAME: &str = "agents";
+/// The name it answers `$SRV.PING|INFO|STATS` under (the binary's name, like every
+/// Patchbay component).
+pub const DISCOVERY_NAME: &str = "patchbay-agents";
 /// CloudEvent type of a `cc.v1.queues.stats` reply (data: JSON array of `QueueStats`).
 pub const QUEUE_STATS_TYPE: &str = "cc.queue.stats.v1";
 /// Queue group of the statistics responders, so one instance answers each request.
@@ -254,22 +258,16 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("cannot subscribe to {}: {e}", cc.queue_stats()))?;
 
     // Discovery is a convenience: a refused subscription must not stop the engine.
-    let service = {
-        use async_nats::service::ServiceExt as _;
-        match bus
-            .client()
-            .service_builder()
-            .description("Patchbay agent assignment")
-            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-            .await
-        {
-            Ok(service) => Some(service),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register for $SRV discovery");
-                None
-            }
-        }
-    };
+    let service = discovery::register(
+        &bus,
+        Registration::new(
+            DISCOVERY_NAME,
+            env!("CARGO_PKG_VERSION"),
+            "Patchbay agent assignment",
+        ),
+        NoEndpoints,
+    )
+    .await;
 
     let stop = CancellationToken::new();
     let mut worker = Worker {
@@ -337,7 +335,7 @@ pub async fn run(
     stop.cancel();
     ready.set_ready(false);
     if let Some(service) = service {
-        let _ = service.stop().await;
+        service.stop().await;
     }
     if let Err(e) = bus.client().flush().await {
         tracing::warn!(error = %e, "flush on shutdown failed");
@@ -453,7 +451,7 @@ impl Worker {
                 }
             };
             let subject = msg.subject.to_string();
-            let span = trace::process_span(&subject, msg.headers.as_ref());
+            let span = self.bus.process_span(&subject, msg.headers.as_ref());
             let (seq, delivered) = msg
                 .info()
                 .map_or((None, 1), |i| (Some(i.stream_sequence), i.delivered));
@@ -680,6 +678,7 @@ impl Worker {
         for (subject, event, parent, _) in events {
             let span = parent.in_scope(|| trace::publish_span(subject, &event.id));
             let mut headers = Bus::headers(event, &span, None);
+            self.bus.stamp_sender(&mut headers);
             headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
             let ack = js
                 .publish_with_headers(subject.clone(), headers, event.data.clone())
@@ -771,7 +770,7 @@ impl Worker {
 
     /// Reply to a `cc.v1.queues.stats` request with every queue's statistics.
     async fn answer_stats(&self, request: async_nats::Message) {
-        let span = trace::process_span(&request.subject, request.headers.as_ref());
+        let span = self.bus.process_span(&request.subject, request.headers.as_ref());
         let Some(reply) = request.reply.clone() else {
             return;
         };
@@ -783,7 +782,8 @@ impl Worker {
                 return;
             }
         };
-        let headers = Bus::headers(&event, &span, None);
+        let mut headers = Bus::headers(&event, &span, None);
+        self.bus.stamp_sender(&mut headers);
         if let Err(e) = self
             .bus
             .client()

@@ -19,6 +19,7 @@ use patchbay_agents::AgentsConfig;
 use patchbay_agents::engine::EngineConfig;
 use patchbay_agents::simulate::{self, Scenario};
 use patchbay_bus::args::BusArgs;
+use patchbay_bus::trace::BusMetrics;
 use patchbay_telemetry::{
     Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
 };
@@ -114,7 +115,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         .telemetry
         .config("patchbay-agents", &args.instance, |k| std::env::var(k).ok())
         .context("invalid telemetry settings")?;
-    let _guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
+    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
     let engine = match &args.config {
         Some(path) => engine_config(path)?,
         None => EngineConfig::default(),
@@ -122,6 +123,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     tracing::info!(config = ?args.config, ?engine, "engine settings");
 
     let metrics = Metrics::new();
+    guard
+        .register_metrics(&metrics)
+        .context("failed to register span export metrics")?;
     let health = Health::new();
     let ready = health.register("agents-consumers");
     let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
@@ -142,7 +146,8 @@ async fn serve(args: RunArgs) -> Result<()> {
     let bus = args
         .bus
         .config(format!("patchbay-agents/{}", args.instance))
-        .context("invalid subject prefix")?;
+        .context("invalid subject prefix")?
+        .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?);
     let mut config = AgentsConfig::new(bus, engine);
     config.max_batch = args.max_batch;
     config.stats_interval = args.stats_interval;

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::service::ServiceExt as _;
+use patchbay_bus::discovery::{EndpointReport, Registration};
 use patchbay_bus::{BusConfig, Token};
 use patchbay_protocol::{CallEvent, CcSubjects};
 use patchbay_telemetry::{Metrics, ReadyFlag};
@@ -52,8 +52,11 @@ pub use rules::{Problem, Rules, RulesError};
 pub const STREAM: &str = "CC_CALLS";
 /// The durable consumer routing binds to (declared in `deploy/streams.toml`).
 pub const CONSUMER: &str = "routing";
-/// The NATS micro service name (answers `$SRV.PING|INFO|STATS.routing`).
+/// The service's own name: dead letters it writes go to `patchbay.v1.dlq.routing`.
 pub const SERVICE_NAME: &str = "routing";
+/// The NATS micro service name (answers `$SRV.PING|INFO|STATS.patchbay-routing`), the
+/// binary's name like every Patchbay component's.
+pub const DISCOVERY_NAME: &str = "patchbay-routing";
 
 /// How to run the routing service.
 #[derive(Debug, Clone)]
@@ -133,19 +136,22 @@ pub async fn run(config: RoutingConfig, shutdown: impl Future<Output = ()>) -> a
         })?;
     check_filter(&mut consumer, &cc.call_all(CallEvent::Incoming)).await;
 
-    // Discovery is a convenience: a refused subscription must not stop calls being routed.
-    let service = match bus
-        .client()
-        .service_builder()
-        .description("Patchbay call routing")
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+    // Discovery is a convenience: `register` warns instead of failing, so calls are routed
+    // even when the subscriptions are refused.
+    let service = {
+        let metrics = metrics.clone();
+        let subject = cc.call_all(CallEvent::Incoming);
+        let consumer = config.consumer.clone();
+        patchbay_bus::discovery::register(
+            &bus,
+            Registration::new(
+                DISCOVERY_NAME,
+                env!("CARGO_PKG_VERSION"),
+                "Patchbay call routing",
+            ),
+            move || vec![calls_endpoint(&metrics, &subject, &consumer)],
+        )
         .await
-    {
-        Ok(service) => Some(service),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot register for $SRV discovery");
-            None
-        }
     };
 
     let stop = CancellationToken::new();
@@ -205,13 +211,67 @@ pub async fn run(config: RoutingConfig, shutdown: impl Future<Output = ()>) -> a
         );
     }
     if let Some(service) = service {
-        let _ = service.stop().await;
+        service.stop().await;
     }
     if let Err(e) = bus.client().flush().await {
         tracing::warn!(error = %e, "flush on shutdown failed");
     }
     tracing::info!("routing stopped");
     result
+}
+
+/// The `calls` discovery endpoint: calls decided (plus decisions that could not be
+/// stored) since start; errors are rejected calls and failed stores.
+fn calls_endpoint(metrics: &RoutingMetrics, subject: &str, consumer: &str) -> EndpointReport {
+    use prometheus::core::Collector as _;
+    let sum = |vec: &prometheus::IntCounterVec, outcome: Option<&str>| -> u64 {
+        vec.collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                outcome.is_none_or(|o| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "outcome" && l.value() == o)
+                })
+            })
+            // Counters are integers kept as f64 by the exposition model.
+            .map(|m| {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let value = m.get_counter().get_value().max(0.0) as u64;
+                value
+            })
+            .sum()
+    };
+    let time: f64 = metrics
+        .decision_duration
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_histogram().get_sample_sum())
+        .sum();
+    let (routed, closed, rejected) = (
+        sum(&metrics.decisions, Some("routed")),
+        sum(&metrics.decisions, Some("closed")),
+        sum(&metrics.decisions, Some("rejected")),
+    );
+    let unstored = sum(&metrics.publish_errors, None);
+    EndpointReport {
+        name: "calls".into(),
+        subject: subject.into(),
+        queue_group: consumer.into(),
+        requests: sum(&metrics.decisions, None) + unstored,
+        errors: rejected + unstored,
+        processing_time: Duration::try_from_secs_f64(time).unwrap_or_default(),
+        data: Some(serde_json::json!({
+            "routed": routed,
+            "closed": closed,
+            "rejected": rejected,
+            "unstored": unstored,
+            "lookup_fallbacks": sum(&metrics.lookup_fallbacks, None),
+        })),
+        ..EndpointReport::default()
+    }
 }
 
 /// Warn when the consumer does not filter on incoming calls only: routing would then

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use patchbay_bus::args::BusArgs;
+use patchbay_bus::trace::BusMetrics;
 use patchbay_routing::RoutingConfig;
 use patchbay_telemetry::{
     Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
@@ -55,9 +56,12 @@ async fn main() -> anyhow::Result<()> {
             std::env::var(k).ok()
         })
         .context("invalid telemetry settings")?;
-    let _guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
+    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
 
     let metrics = Metrics::new();
+    guard
+        .register_metrics(&metrics)
+        .context("failed to register span export metrics")?;
     let health = Health::new();
     let ready = health.register("routing-consumer");
     let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
@@ -78,7 +82,8 @@ async fn main() -> anyhow::Result<()> {
     let bus = args
         .bus
         .config(format!("patchbay-routing/{}", args.instance))
-        .context("invalid subject prefix")?;
+        .context("invalid subject prefix")?
+        .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?);
     let mut config = RoutingConfig::new(bus, args.rules);
     config.reload_interval = args.reload_interval;
     config.lookup_timeout = args.lookup_timeout;

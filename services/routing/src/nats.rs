@@ -281,7 +281,7 @@ impl Router {
             Err(_) => (1, String::new()),
         };
         let subject = msg.subject.to_string();
-        let span = patchbay_bus::trace::process_span(&subject, msg.headers.as_ref());
+        let span = self.bus.process_span(&subject, msg.headers.as_ref());
         async move {
             let incoming = match decode(&self.cc, &subject, msg.headers.as_ref(), &msg.payload) {
                 Ok(incoming) => incoming,
@@ -388,7 +388,9 @@ impl Router {
             stream_position = position,
             "rejected a malformed incoming call; dead-lettering it"
         );
-        let attempts = msg.info().map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
+        let attempts = msg
+            .info()
+            .map_or(1, |i| u64::try_from(i.delivered).unwrap_or(1));
         let reason = bad.to_string();
         let record = DeadLetter {
             function: SERVICE_NAME,

@@ -250,7 +250,9 @@ impl HttpCode {
         let capture = engine.inner.config.max_captured_output_bytes;
         let stderr = MemoryOutputPipe::new(capture.max(1));
         let mut wasi = WasiCtxBuilder::new();
-        wasi.allow_tcp(false).allow_udp(false).stderr(stderr.clone());
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .stderr(stderr.clone());
         let max_memory_bytes = limits
             .max_memory_bytes
             .min(engine.inner.config.max_memory_bytes);

@@ -91,7 +91,7 @@ pub(crate) async fn handle_core(
     msg: Message,
     kind: &'static str,
 ) {
-    let span = patchbay_bus::trace::process_span(&msg.subject, msg.headers.as_ref());
+    let span = node.bus.process_span(&msg.subject, msg.headers.as_ref());
     async move {
         let event = match decode(&msg) {
             Ok(decoded) => decoded,

@@ -1,0 +1,539 @@
+//! The agents service end to end: the real `patchbay-agents` binary as `service/agents` on
+//! a real nats-server with mTLS, bound to the bootstrapped durable consumers `agents` on
+//! CC_CALLS and CC_AGENT_CMDS, persisting to the `cc-agents` bucket.
+//!
+//! Routed calls, hang-ups and agent commands are published durably as `cli/admin`
+//! (standing in for routing, telephony and agent desktops); what the service decides is
+//! read off the bus. Engine timeouts are made short through the config file; waits are
+//! bounded polls for an event, a metric or a consumer state, never sleeps. Crashes are
+//! real `kill -9`s, and a restarted service uses another instance name, so an event's
+//! CloudEvents `source` says which process decided it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use patchbay_bus::{Bus, CloudEvent, RequestOptions};
+use patchbay_protocol::payload::{AgentMissed, AgentStateChanged, CallUpdate};
+use patchbay_tests::{
+    Process, Stack, free_port, http_get, metric_value, publish_json, publish_raw_event,
+    stored_count, wait_consumers_settled, wait_ready,
+};
+use serde_json::json;
+
+/// Upper bound for readiness and for an event to arrive.
+const READY: Duration = Duration::from_secs(60);
+
+const CONSUMERS: [(&str, &str); 2] = [("CC_CALLS", "agents"), ("CC_AGENT_CMDS", "agents")];
+
+/// A running agents service and where to reach its admin listener.
+struct Agents {
+    process: Process,
+    admin: String,
+}
+
+impl Agents {
+    /// Start `patchbay-agents` as `instance` with `engine_toml` as its config file, and wait
+    /// until it is ready (snapshot loaded, consumers bound).
+    async fn start(stack: &Stack, instance: &str, engine_toml: &str) -> Self {
+        let config = stack.state_dir().join(format!("{instance}.toml"));
+        std::fs::write(&config, engine_toml).unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let process = stack.spawn_binary(
+            "patchbay-agents",
+            "service/agents",
+            instance,
+            &[],
+            &[
+                ("PATCHBAY_AGENTS_CONFIG", config.to_str().unwrap()),
+                ("PATCHBAY_AGENTS_INSTANCE", instance),
+                ("PATCHBAY_ADMIN_LISTEN", admin.as_str()),
+                ("PATCHBAY_LOG", "info,patchbay_agents=debug"),
+            ],
+        );
+        let agents = Self { process, admin };
+        wait_ready(&agents.admin, READY).await;
+        agents
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(&self.admin, "/metrics").await.unwrap().1
+    }
+
+    async fn wait_for_metric(&self, series: &str, at_least: f64) {
+        patchbay_tests::eventually(READY, series, || async {
+            (metric_value(&self.metrics().await, series) >= at_least).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The CloudEvents source of events decided by `instance`.
+fn source_of(instance: &str) -> String {
+    format!("/patchbay/patchbay-agents/{instance}")
+}
+
+/// Every event the service publishes, seen on core NATS as `cli/admin`.
+struct Events {
+    sub: async_nats::Subscriber,
+    backlog: Vec<Seen>,
+}
+
+/// One event as seen.
+#[derive(Debug)]
+struct Seen {
+    subject: String,
+    event: CloudEvent,
+    headers: HeaderMap,
+}
+
+impl Seen {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        self.event.data_json().unwrap()
+    }
+}
+
+impl Events {
+    async fn subscribe(admin: &Bus) -> Self {
+        let sub = admin.client().subscribe("cc.v1.>").await.unwrap();
+        admin.client().flush().await.unwrap();
+        Self {
+            sub,
+            backlog: Vec::new(),
+        }
+    }
+
+    /// The first event not yet taken on a subject ending in `.<suffix>` about `id` (call
+    /// or agent); others are kept for later calls, so the order of unrelated events does
+    /// not matter.
+    async fn next(&mut self, id: &str, suffix: &str) -> Seen {
+        let wanted = |subject: &str| {
+            subject.split('.').nth(3) == Some(id) && subject.ends_with(&format!(".{suffix}"))
+        };
+        if let Some(i) = self.backlog.iter().position(|s| wanted(&s.subject)) {
+            return self.backlog.remove(i);
+        }
+        let what = format!("{suffix} about {id}");
+        loop {
+            let msg = patchbay_tests::next_message(&mut self.sub, READY, &what).await;
+            let subject = msg.subject.to_string();
+            let Ok(event) = CloudEvent::from_message(msg.headers.as_ref(), &msg.payload) else {
+                continue;
+            };
+            let seen = Seen {
+                subject,
+                event,
+                headers: msg.headers.clone().unwrap_or_default(),
+            };
+            if wanted(&seen.subject) {
+                return seen;
+            }
+            self.backlog.push(seen);
+        }
+    }
+
+    async fn call(&mut self, call: &str, event: &str) -> (CallUpdate, Seen) {
+        let seen = self.next(call, event).await;
+        (seen.json(), seen)
+    }
+
+    /// The next state change of `agent` to `to`.
+    async fn agent_state(&mut self, agent: &str, to: &str) -> AgentStateChanged {
+        loop {
+            let seen = self.next(agent, "state-changed").await;
+            let change: AgentStateChanged = seen.json();
+            if serde_json::to_value(change.to).unwrap() == json!(to) {
+                return change;
+            }
+        }
+    }
+}
+
+fn routed(call: &str, queue: &str) -> serde_json::Value {
+    json!({
+        "call_id": call, "seq": 1, "queue": queue, "priority": 0, "requirements": [],
+        "channel": "voice", "customer_tier": "standard", "rule": "default",
+        "lookup_ok": true, "routed_at_ms": 1
+    })
+}
+
+async fn route(admin: &Bus, call: &str, queue: &str, traceparent: Option<&str>) {
+    publish_json(
+        admin,
+        &format!("cc.v1.calls.{call}.routed"),
+        "cc.call.routed.v1",
+        &routed(call, queue),
+        traceparent,
+    )
+    .await;
+}
+
+async fn hang_up(admin: &Bus, call: &str) {
+    publish_json(
+        admin,
+        &format!("cc.v1.calls.{call}.hangup"),
+        "cc.call.hangup.v1",
+        &json!({ "call_id": call }),
+        None,
+    )
+    .await;
+}
+
+async fn command(admin: &Bus, agent: &str, command: &str, data: serde_json::Value) {
+    publish_json(
+        admin,
+        &format!("cc.v1.agents.{agent}.cmd.{command}"),
+        "cc.agent.command.v1",
+        &data,
+        None,
+    )
+    .await;
+}
+
+/// Log `agent` in, available for `queue`.
+async fn log_in(admin: &Bus, agent: &str, queue: &str) {
+    let profile = json!({ "skills": [], "queues": [{ "queue": queue }] });
+    command(
+        admin,
+        agent,
+        "state",
+        json!({ "agent_id": agent, "state": "available", "profile": profile }),
+    )
+    .await;
+}
+
+async fn accept(admin: &Bus, agent: &str, call: &str) {
+    command(
+        admin,
+        agent,
+        "accept",
+        json!({ "agent_id": agent, "call_id": call }),
+    )
+    .await;
+}
+
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let tp = headers.get("traceparent")?.as_str();
+    tp.split('-').nth(1).map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_a_routed_call_to_the_available_agent_and_follows_it_through_wrap_up() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let mut agents = Agents::start(
+        &stack,
+        "agents-1",
+        "offer_timeout_ms = 60000\nwrap_up_ms = 300\n",
+    )
+    .await;
+    let mut events = Events::subscribe(&admin).await;
+
+    log_in(&admin, "a-1", "sales").await;
+    let change = events.agent_state("a-1", "available").await;
+    assert_eq!(change.seq, 1);
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    route(
+        &admin,
+        "c-1",
+        "sales",
+        Some(&format!("00-{trace}-00f067aa0ba902b7-01")),
+    )
+    .await;
+    let (queued, _) = events.call("c-1", "queued").await;
+    assert_eq!((queued.seq, queued.queue.as_str()), (2, "sales"));
+    let (offered, seen) = events.call("c-1", "offered").await;
+    assert_eq!(offered.seq, 3);
+    assert_eq!(offered.agent.as_deref(), Some("a-1"));
+    assert!(offered.offer_expires_ms.is_some());
+    assert_eq!(seen.event.id, "call-c-1-3", "ids are deterministic");
+    assert_eq!(seen.event.key(), Some("c-1"));
+    assert_eq!(
+        trace_id(&seen.headers).as_deref(),
+        Some(trace),
+        "the offer continues the routed call's trace"
+    );
+    events.agent_state("a-1", "reserved").await;
+
+    accept(&admin, "a-1", "c-1").await;
+    let (assigned, _) = events.call("c-1", "assigned").await;
+    assert_eq!(assigned.agent.as_deref(), Some("a-1"));
+    events.agent_state("a-1", "busy").await;
+
+    hang_up(&admin, "c-1").await;
+    let (ended, _) = events.call("c-1", "ended").await;
+    assert_eq!(ended.agent.as_deref(), Some("a-1"));
+    events.agent_state("a-1", "wrap-up").await;
+    // The wrap-up timer (300 ms) ends it without any input.
+    let back = events.agent_state("a-1", "available").await;
+    assert_eq!(
+        serde_json::to_value(back.from).unwrap(),
+        json!("wrap-up"),
+        "{back:?}"
+    );
+
+    agents
+        .wait_for_metric(
+            r#"patchbay_agents_inputs_total{input="accept",outcome="applied"}"#,
+            1.0,
+        )
+        .await;
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    assert!(
+        agents.process.terminate(Duration::from_secs(20)),
+        "SIGTERM must drain and exit 0:\n{}",
+        agents.process.log()
+    );
+    let log = agents.process.log();
+    assert!(log.contains("agents stopped"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hanging_up_while_queued_abandons_the_call() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let agents = Agents::start(&stack, "agents-1", "").await;
+    let mut events = Events::subscribe(&admin).await;
+
+    route(&admin, "c-9", "billing", None).await;
+    events.call("c-9", "queued").await;
+    hang_up(&admin, "c-9").await;
+    let (abandoned, _) = events.call("c-9", "abandoned").await;
+    assert_eq!((abandoned.seq, abandoned.queue.as_str()), (3, "billing"));
+    assert_eq!(abandoned.agent, None);
+    agents
+        .wait_for_metric(
+            r#"patchbay_agents_inputs_total{input="hangup",outcome="applied"}"#,
+            1.0,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_survive_kill_9_and_are_offered_in_fifo_order_exactly_once() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let mut first = Agents::start(&stack, "agents-1", "offer_timeout_ms = 60000\n").await;
+    let mut events = Events::subscribe(&admin).await;
+
+    for call in ["c-1", "c-2", "c-3"] {
+        route(&admin, call, "sales", None).await;
+        events.call(call, "queued").await;
+    }
+    // Acked means snapshotted (the service acks only after the snapshot is written).
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    first.process.kill9();
+
+    let second = Agents::start(&stack, "agents-2", "offer_timeout_ms = 60000\n").await;
+    for (agent, call) in [("a-1", "c-1"), ("a-2", "c-2"), ("a-3", "c-3")] {
+        log_in(&admin, agent, "sales").await;
+        let (offered, seen) = events.call(call, "offered").await;
+        assert_eq!(offered.agent.as_deref(), Some(agent), "FIFO: {call} first");
+        assert_eq!(seen.event.source, source_of("agents-2"));
+    }
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    assert_eq!(
+        stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.offered").await,
+        3,
+        "each call offered once"
+    );
+    assert_eq!(
+        stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.queued").await,
+        3,
+        "no call queued twice"
+    );
+    second
+        .wait_for_metric(
+            r#"patchbay_cc_queue_agents{queue="sales",state="reserved"}"#,
+            3.0,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_deadline_survives_kill_9_and_times_out_after_restart() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    // Long enough for the kill and the restart to happen well before it expires; the
+    // source of the `missed` event proves which process fired it.
+    let config = "offer_timeout_ms = 6000\n";
+    let mut first = Agents::start(&stack, "agents-1", config).await;
+    let mut events = Events::subscribe(&admin).await;
+
+    log_in(&admin, "a-1", "sales").await;
+    events.agent_state("a-1", "available").await;
+    route(&admin, "c-1", "sales", None).await;
+    let (offered, _) = events.call("c-1", "offered").await;
+    assert_eq!(offered.agent.as_deref(), Some("a-1"));
+    log_in(&admin, "a-2", "sales").await;
+    events.agent_state("a-2", "available").await;
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    first.process.kill9();
+
+    let _second = Agents::start(&stack, "agents-2", config).await;
+    let seen = events.next("a-1", "missed").await;
+    assert_eq!(
+        seen.event.source,
+        source_of("agents-2"),
+        "the deadline fired in the restarted process"
+    );
+    let missed: AgentMissed = seen.json();
+    assert_eq!(
+        (missed.call_id.as_str(), missed.reason.as_str()),
+        ("c-1", "timeout")
+    );
+    events.agent_state("a-1", "not-responding").await;
+    let (reoffered, seen) = events.call("c-1", "offered").await;
+    assert_eq!(reoffered.agent.as_deref(), Some("a-2"));
+    assert_eq!(seen.event.source, source_of("agents-2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_terminated_and_does_not_stop_the_next_good_one() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let agents = Agents::start(&stack, "agents-1", "").await;
+    let mut events = Events::subscribe(&admin).await;
+
+    // Not JSON.
+    let bad = CloudEvent::new("/test", "cc.call.routed.v1").data("application/json", "{nope");
+    publish_raw_event(
+        &admin,
+        "cc.v1.calls.x-1.routed",
+        bad.to_headers(),
+        bad.data,
+        None,
+    )
+    .await;
+    // Not a CloudEvent at all.
+    publish_raw_event(
+        &admin,
+        "cc.v1.calls.x-2.hangup",
+        HeaderMap::new(),
+        bytes::Bytes::from_static(br#"{"call_id":"x-2"}"#),
+        None,
+    )
+    .await;
+    // The subject names another call than the body.
+    publish_json(
+        &admin,
+        "cc.v1.calls.x-3.routed",
+        "cc.call.routed.v1",
+        &routed("x-4", "sales"),
+        None,
+    )
+    .await;
+    // Refused by the engine: an agent that never logged in.
+    accept(&admin, "ghost", "x-5").await;
+    route(&admin, "c-ok", "sales", None).await;
+    events.call("c-ok", "queued").await;
+
+    for reason in ["json", "envelope", "mismatch", "unknown-agent"] {
+        agents
+            .wait_for_metric(
+                &format!(r#"patchbay_agents_rejected_total{{reason="{reason}"}}"#),
+                1.0,
+            )
+            .await;
+    }
+    // Terminated, not left to be redelivered.
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    assert_eq!(
+        stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.queued").await,
+        1,
+        "nothing was queued for the bad messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_queue_statistics_on_request_and_exports_them_as_gauges() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let agents = Agents::start(&stack, "agents-1", "").await;
+    let mut events = Events::subscribe(&admin).await;
+
+    log_in(&admin, "a-1", "sales").await;
+    events.agent_state("a-1", "available").await;
+    for call in ["s-1", "s-2"] {
+        route(&admin, call, "support", None).await;
+        events.call(call, "queued").await;
+    }
+
+    let request = CloudEvent::new("/test", "cc.queue.stats-request.v1");
+    let reply = admin
+        .request(
+            "cc.v1.queues.stats",
+            &request,
+            RequestOptions::timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let event = CloudEvent::from_message(reply.headers.as_ref(), &reply.payload).unwrap();
+    assert_eq!(event.ty, "cc.queue.stats.v1");
+    let stats: Vec<patchbay_agents_stats::QueueStats> = event.data_json().unwrap();
+    let support = stats.iter().find(|s| s.queue == "support").unwrap();
+    assert_eq!(support.waiting, 2);
+    let sales = stats.iter().find(|s| s.queue == "sales").unwrap();
+    assert_eq!((sales.waiting, sales.agents.available), (0, 1));
+
+    agents
+        .wait_for_metric(r#"patchbay_cc_queue_waiting{queue="support"}"#, 2.0)
+        .await;
+    agents
+        .wait_for_metric(
+            r#"patchbay_cc_queue_agents{queue="sales",state="available"}"#,
+            1.0,
+        )
+        .await;
+}
+
+/// The parts of `patchbay_agents::QueueStats` these tests read (the tests package does not
+/// depend on the service crate).
+mod patchbay_agents_stats {
+    #[derive(Debug, serde::Deserialize)]
+    pub struct QueueStats {
+        pub queue: String,
+        pub waiting: u64,
+        pub agents: Agents,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub struct Agents {
+        pub available: u32,
+    }
+}
+
+/// Not a test: runs `examples/bench_bus` (build it first, same profile as this test:
+/// `cargo build -p patchbay-agents --example bench_bus`) against a fresh stack and a
+/// real service, and prints what it measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+async fn bench_bus_against_a_fresh_stack() {
+    let stack = Stack::start().await;
+    let service = Agents::start(&stack, "agents-1", "offer_timeout_ms = 60000\n").await;
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(std::path::Path::parent).unwrap();
+    let bench = profile.join("examples/bench_bus");
+    assert!(bench.is_file(), "build {} first", bench.display());
+    let agents = std::env::var("BENCH_AGENTS").unwrap_or_else(|_| "50".into());
+    let calls = std::env::var("BENCH_CALLS").unwrap_or_else(|_| "2000".into());
+    let output = std::process::Command::new(bench)
+        .args([&agents, &calls])
+        .envs(stack.env_for("cli/admin"))
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    let metrics = service.metrics().await;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("patchbay_agents_batch") && (l.contains("_sum") || l.contains("_count"))
+            || l.starts_with("patchbay_agents_snapshot_bytes")
+            || l.starts_with("patchbay_agents_replayed")
+    }) {
+        println!("{line}");
+    }
+    assert!(output.status.success());
+}
