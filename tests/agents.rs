@@ -392,7 +392,7 @@ async fn a_reservation_deadline_survives_kill_9_and_times_out_after_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_input_is_terminated_and_does_not_stop_the_next_good_one() {
+async fn malformed_input_is_dead_lettered_and_does_not_stop_the_next_good_one() {
     let stack = Stack::start().await;
     let admin = stack.admin().await;
     let agents = Agents::start(&stack, "agents-1", "").await;
@@ -439,12 +439,22 @@ async fn malformed_input_is_terminated_and_does_not_stop_the_next_good_one() {
             )
             .await;
     }
-    // Terminated, not left to be redelivered.
+    // Dead-lettered and terminated, not left to be redelivered.
     wait_consumers_settled(&admin, &CONSUMERS, READY).await;
     assert_eq!(
         stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.queued").await,
         1,
         "nothing was queued for the bad messages"
+    );
+    // Each refused input is in the dead-letter stream with its reason.
+    let listed = stack.cli(&["fn", "dlq", "ls", "agents", "--json"]).success();
+    let letters = listed.json();
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["error"].as_str().is_some_and(|e| !e.is_empty()))
     );
 }
 
@@ -504,36 +514,4 @@ mod patchbay_agents_stats {
     pub struct Agents {
         pub available: u32,
     }
-}
-
-/// Not a test: runs `examples/bench_bus` (build it first, same profile as this test:
-/// `cargo build -p patchbay-agents --example bench_bus`) against a fresh stack and a
-/// real service, and prints what it measured.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run with --ignored --nocapture"]
-async fn bench_bus_against_a_fresh_stack() {
-    let stack = Stack::start().await;
-    let service = Agents::start(&stack, "agents-1", "offer_timeout_ms = 60000\n").await;
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(std::path::Path::parent).unwrap();
-    let bench = profile.join("examples/bench_bus");
-    assert!(bench.is_file(), "build {} first", bench.display());
-    let agents = std::env::var("BENCH_AGENTS").unwrap_or_else(|_| "50".into());
-    let calls = std::env::var("BENCH_CALLS").unwrap_or_else(|_| "2000".into());
-    let output = std::process::Command::new(bench)
-        .args([&agents, &calls])
-        .envs(stack.env_for("cli/admin"))
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    println!("{}", String::from_utf8_lossy(&output.stdout));
-    let metrics = service.metrics().await;
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("patchbay_agents_batch") && (l.contains("_sum") || l.contains("_count"))
-            || l.starts_with("patchbay_agents_snapshot_bytes")
-            || l.starts_with("patchbay_agents_replayed")
-    }) {
-        println!("{line}");
-    }
-    assert!(output.status.success());
 }

@@ -25,6 +25,17 @@ impl Stack {
     /// Like [`Stack::spawn_gateway`], with the URL scheme given (`https` when `args`
     /// turn TLS on).
     pub async fn spawn_gateway_with(&self, args: &[&str], scheme: &str) -> Gateway {
+        self.spawn_gateway_with_env(args, scheme, &[]).await
+    }
+
+    /// Like [`Stack::spawn_gateway_with`], with `extra_env` set last (so it overrides the
+    /// defaults), e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub async fn spawn_gateway_with_env(
+        &self,
+        args: &[&str],
+        scheme: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Gateway {
         let address_file: PathBuf = self
             .state_dir()
             .join(format!("gateway-{}.addr", free_port()));
@@ -39,13 +50,10 @@ impl Stack {
             admin.as_str(),
         ];
         all.extend_from_slice(args);
-        let process = self.spawn_binary(
-            "patchbay-gateway",
-            "gateway/gateway",
-            "gateway",
-            &all,
-            &[("PATCHBAY_LOG", "info,patchbay_gateway=debug")],
-        );
+        let mut env = vec![("PATCHBAY_LOG", "info,patchbay_gateway=debug")];
+        env.extend_from_slice(extra_env);
+        let process =
+            self.spawn_binary("patchbay-gateway", "gateway/gateway", "gateway", &all, &env);
         let address = eventually(Duration::from_secs(20), "gateway address file", || {
             let file = address_file.clone();
             async move { std::fs::read_to_string(file).ok().filter(|a| !a.is_empty()) }

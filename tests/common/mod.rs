@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod gateway;
+pub mod otlp;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -675,6 +675,19 @@ impl Bus {
         trace::process_span(subject, headers)
     }
 
+    /// The `process` span for a message pulled from a JetStream consumer:
+    /// [`Bus::process_span`] plus the delivery count, and on a redelivery a span link to
+    /// the context the first attempt was processed under (see [`trace::record_delivery`]).
+    #[must_use]
+    pub fn process_delivery(&self, msg: &jetstream::Message) -> tracing::Span {
+        let span = self.process_span(&msg.subject, msg.headers.as_ref());
+        let delivered = msg
+            .info()
+            .map_or(1, |info| u64::try_from(info.delivered).unwrap_or(1));
+        trace::record_delivery(&span, msg.headers.as_ref(), delivered);
+        span
+    }
+
     fn check_size(
         &self,
         subject: &str,

@@ -6,6 +6,18 @@
 //! A message without context starts a root span. The propagators are fixed here rather
 //! than taken from the global registry so the wire format never depends on set-up order.
 //!
+//! Redeliveries: every delivery of a JetStream message gets its own `process` span, a
+//! child of the context the message carries, with the broker's delivery count in
+//! [`DELIVERY_COUNT`] (1 for the first attempt). A redelivery (count > 1) also carries a
+//! span link to that context, with link attributes [`DELIVERY_COUNT`] and
+//! [`LINK_REASON`]` = "redelivery"`. The message is stored once and redelivered byte for
+//! byte, so the one context every attempt can know is the one the first attempt was
+//! processed under; the link names it explicitly, and the first attempt is the linked
+//! context's `process` child with delivery count 1. A message that arrived without
+//! context has nothing to link to: each attempt is its own root, and the attempts share
+//! `messaging.message.id` (the `ce-id`). Consumers get all of this from
+//! [`crate::Bus::process_delivery`].
+//!
 //! Edges: every message also carries its sender's identity in [`FROM`], so a receiver can
 //! count who talks to whom ([`BusMetrics`]: `patchbay_bus_messages_published_total` and
 //! `patchbay_bus_messages_received_total`, labelled by [`subject_class`]) and a service
@@ -14,7 +26,7 @@
 use std::sync::LazyLock;
 
 use async_nats::HeaderMap;
-use opentelemetry::Context;
+use opentelemetry::{Context, KeyValue};
 use opentelemetry::propagation::{
     Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
 };
@@ -38,6 +50,13 @@ pub const BAGGAGE: &str = "baggage";
 pub const FROM: &str = "patchbay-from";
 /// The `from`/`to` label when an identity is missing or malformed.
 pub const UNKNOWN_IDENTITY: &str = "unknown";
+/// Attribute of a `process` span and of its redelivery link: how many times the broker
+/// has delivered the message, this delivery included (1 = first attempt). Only JetStream
+/// consumers know it.
+pub const DELIVERY_COUNT: &str = "messaging.message.delivery_count";
+/// Attribute of a span link saying why the span links to another context
+/// (`redelivery`).
+pub const LINK_REASON: &str = "patchbay.link.reason";
 
 static PROPAGATOR: LazyLock<TextMapCompositePropagator> = LazyLock::new(|| {
     TextMapCompositePropagator::new(vec![
@@ -216,9 +235,11 @@ pub fn subject_class(subjects: &Subjects, subject: &str) -> String {
 
 /// A consumer-side `process` span for a message on `subject`, following OpenTelemetry
 /// messaging conventions, whose parent is the context the message carries (a root span
-/// when it carries none).
+/// when it carries none). JetStream consumers add the delivery with [`record_delivery`].
 #[must_use]
 pub fn process_span(subject: &str, headers: Option<&HeaderMap>) -> tracing::Span {
+    // The CloudEvent id (binary mode), which every delivery of the message shares.
+    let message_id = headers.and_then(|h| h.get("ce-id")).map(|v| v.as_str());
     let span = tracing::info_span!(
         "process",
         otel.name = format!("process {subject}"),
@@ -226,9 +247,31 @@ pub fn process_span(subject: &str, headers: Option<&HeaderMap>) -> tracing::Span
         messaging.system = "nats",
         messaging.operation.type = "process",
         messaging.destination.name = subject,
+        messaging.message.id = message_id,
+        messaging.message.delivery_count = tracing::field::Empty,
     );
     let _ = span.set_parent(extract(headers));
     span
+}
+
+/// Records on `span` (a [`process_span`] not yet entered) that it handles delivery number
+/// `delivered` of a JetStream message carrying `headers`; a redelivery also gets a span
+/// link to the message's context, the one its first attempt was processed under (see the
+/// module documentation).
+pub fn record_delivery(span: &tracing::Span, headers: Option<&HeaderMap>, delivered: u64) {
+    span.record(DELIVERY_COUNT, delivered);
+    if delivered > 1 {
+        let cx = extract(headers);
+        let first = cx.span().span_context().clone();
+        // An invalid context (the message carried none) is ignored by `add_link`.
+        span.add_link_with_attributes(
+            first,
+            vec![
+                KeyValue::new(DELIVERY_COUNT, i64::try_from(delivered).unwrap_or(i64::MAX)),
+                KeyValue::new(LINK_REASON, "redelivery"),
+            ],
+        );
+    }
 }
 
 /// A producer-side `publish` span for a message to `subject`.

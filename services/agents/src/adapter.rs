@@ -59,8 +59,9 @@
 //!
 //! A message that is not a CloudEvent, is not the JSON its subject calls for, names another
 //! call or agent than its subject, or that the engine refuses ([`crate::EngineError`]) is
-//! terminated (never redelivered forever), logged with its reason and stream position and
-//! counted in `patchbay_agents_rejected_total{reason}`; the rest of the batch goes on. An
+//! dead-lettered to `patchbay.v1.dlq.agents` with its reason and stream position (then
+//! terminated, never redelivered forever), logged and counted in
+//! `patchbay_agents_rejected_total{reason}`; the rest of the batch goes on. An
 //! input the engine [ignores](crate::Ignored) (a redelivery already reflected, a race) is
 //! acked, logged at debug level and counted.
 //!
@@ -88,6 +89,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt as _, Stream, StreamExt as _};
 use patchbay_bus::discovery::{self, NoEndpoints, Registration};
+use patchbay_bus::dlq::{self, DeadLetter};
 use patchbay_bus::trace;
 use patchbay_bus::{Bus, BusConfig, Clock, CloudEvent, SystemClock, Token};
 use patchbay_protocol::CcSubjects;
@@ -280,6 +282,8 @@ pub async fn run(
         metrics,
         clock: Arc::clone(&config.clock),
         stop: stop.clone(),
+        dlq_owner: Token::new(SERVICE_NAME).context("service name")?,
+        instance: bus.source().to_owned(),
     };
     worker.refresh_gauges();
     ready.set_ready(true);
@@ -405,7 +409,8 @@ async fn check_calls_filter(consumer: &mut PullConsumer, cc: &CcSubjects) {
 /// What became of one consumed message in a batch.
 enum Settle {
     Ack(Message),
-    Term(Message),
+    /// Refused: to the dead-letter stream with the reason, then terminated.
+    DeadLetter(Message, String, tracing::Span),
 }
 
 /// The engine task's state.
@@ -419,6 +424,10 @@ struct Worker {
     metrics: AgentsMetrics,
     clock: Arc<dyn Clock>,
     stop: CancellationToken,
+    /// `agents`: dead letters go to `patchbay.v1.dlq.agents`.
+    dlq_owner: Token,
+    /// This process, as recorded on its dead letters.
+    instance: String,
 }
 
 impl Worker {
@@ -451,7 +460,7 @@ impl Worker {
                 }
             };
             let subject = msg.subject.to_string();
-            let span = self.bus.process_span(&subject, msg.headers.as_ref());
+            let span = self.bus.process_delivery(&msg);
             let (seq, delivered) = msg
                 .info()
                 .map_or((None, 1), |i| (Some(i.stream_sequence), i.delivered));
@@ -523,7 +532,7 @@ impl Worker {
                             %subject,
                             reason = bad.label(),
                             error = %bad,
-                            "rejecting input (terminated, not redelivered)"
+                            "rejecting input (dead-lettered, not redelivered)"
                         );
                     });
                     self.metrics
@@ -534,7 +543,7 @@ impl Worker {
                         .inputs
                         .with_label_values(&[kind, "rejected"])
                         .inc();
-                    settle.push(Settle::Term(msg));
+                    settle.push(Settle::DeadLetter(msg, bad.to_string(), span.clone()));
                 }
             }
         }
@@ -544,17 +553,43 @@ impl Worker {
             self.snapshot(now).await?;
         }
         for s in settle {
-            let (msg, kind) = match s {
-                Settle::Ack(msg) => (msg, AckKind::Ack),
-                Settle::Term(msg) => (msg, AckKind::Term),
-            };
-            // A lost ack means a redelivery, which the applied sequences absorb.
-            if let Err(e) = msg.ack_with(kind).await {
-                tracing::warn!(error = %e, "ack failed; the input will be redelivered and recognised");
+            match s {
+                Settle::Ack(msg) => {
+                    // A lost ack means a redelivery, which the applied sequences absorb.
+                    if let Err(e) = msg.ack_with(AckKind::Ack).await {
+                        tracing::warn!(error = %e, "ack failed; the input will be redelivered and recognised");
+                    }
+                }
+                Settle::DeadLetter(msg, reason, span) => {
+                    self.dead_letter(&msg, &reason).instrument(span).await;
+                }
             }
         }
         self.refresh_gauges();
         Ok(())
+    }
+
+    /// Move a refused input to `patchbay.v1.dlq.agents` with its reason (terminated once
+    /// stored; nak'ed for a retry when the dead-letter stream is unavailable).
+    async fn dead_letter(&self, msg: &Message, reason: &str) {
+        let (attempts, source) = msg.info().map_or((1, None), |i| {
+            (
+                u64::try_from(i.delivered).unwrap_or(1),
+                Some(format!("{}:{}", i.stream, i.stream_sequence)),
+            )
+        });
+        let record = DeadLetter {
+            function: SERVICE_NAME,
+            version: None,
+            digest: None,
+            attempts,
+            error: reason,
+            subject: &msg.subject,
+            source,
+            node: &self.instance,
+            time_millis: self.clock.now_millis(),
+        };
+        dlq::dead_letter(&self.bus, &self.dlq_owner, msg, &record).await;
     }
 
     /// Fire due timers: their outputs are published under a root span `tick`.

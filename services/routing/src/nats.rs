@@ -281,7 +281,7 @@ impl Router {
             Err(_) => (1, String::new()),
         };
         let subject = msg.subject.to_string();
-        let span = self.bus.process_span(&subject, msg.headers.as_ref());
+        let span = self.bus.process_delivery(&msg);
         async move {
             let incoming = match decode(&self.cc, &subject, msg.headers.as_ref(), &msg.payload) {
                 Ok(incoming) => incoming,

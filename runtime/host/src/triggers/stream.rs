@@ -101,8 +101,7 @@ async fn handle(
         Err(_) => (1, String::new()),
     };
     let subject = msg.subject.to_string();
-    let span = node.bus.process_span(&subject, msg.headers.as_ref());
-    span.record("messaging.message.delivery_attempt", delivered);
+    let span = node.bus.process_delivery(&msg);
     async move {
         let max_deliver = u64::from(f.spec.limits.max_deliver.max(1));
         let (event, deadline) = match decode(&msg) {
