@@ -75,12 +75,7 @@ fn listing(spans: &[Exported]) -> String {
 }
 
 /// The only span of `service` named `name` (and, when given, with `url.path` = `path`).
-fn one<'a>(
-    spans: &'a [Exported],
-    service: &str,
-    name: &str,
-    path: Option<&str>,
-) -> &'a Exported {
+fn one<'a>(spans: &'a [Exported], service: &str, name: &str, path: Option<&str>) -> &'a Exported {
     let found: Vec<&Exported> = spans
         .iter()
         .filter(|s| {
@@ -229,7 +224,10 @@ async fn one_call_from_http_to_assignment_is_one_trace_across_every_hop() {
     let gateway = stack.spawn_gateway_with_env(&[], "http", &otel).await;
     let token = stack.token(
         "desk",
-        &["publish:cc.v1.calls.*.incoming", "publish:cc.v1.agents.*.cmd.>"],
+        &[
+            "publish:cc.v1.calls.*.incoming",
+            "publish:cc.v1.agents.*.cmd.>",
+        ],
         &[],
     );
     let client = http_client(None);
@@ -414,7 +412,8 @@ async fn one_call_from_http_to_assignment_is_one_trace_across_every_hop() {
     // JetStream deliveries say which attempt they were; the offer's own delivery too.
     for i in [2, 7, 11, 13] {
         assert_eq!(
-            s[i].attribute("messaging.message.delivery_count").as_deref(),
+            s[i].attribute("messaging.message.delivery_count")
+                .as_deref(),
             Some("1"),
             "{}",
             s[i].name()
@@ -567,7 +566,10 @@ async fn a_redelivered_message_links_its_process_span_to_the_first_attempts_cont
             .filter(|s| s.name() == PROCESS)
             .cloned()
             .collect();
-        let invokes = spans.iter().filter(|s| s.name() == "invoke retrier").count();
+        let invokes = spans
+            .iter()
+            .filter(|s| s.name() == "invoke retrier")
+            .count();
         (attempts.len() == 2 && invokes == 2).then_some((attempts, spans))
     })
     .await;

@@ -26,11 +26,11 @@
 use std::sync::LazyLock;
 
 use async_nats::HeaderMap;
-use opentelemetry::{Context, KeyValue};
 use opentelemetry::propagation::{
     Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
 };
 use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use patchbay_telemetry::Metrics;
 use prometheus::IntCounterVec;

@@ -4,10 +4,21 @@
 //! instantiate+call time. Rounds alternate (native, function, native, …) and the median
 //! round is reported, because this hardware varies ±15–20 % run to run. The gateway
 //! benchmark is [`crate::bench_gateway`].
+//!
+//! `--suite tracing` measures what tracing costs the same function: a `patchbay-runtime`
+//! node with trace context only (the default: spans get ids and propagate, nothing is
+//! exported) against the same node exporting every span (100 % sampling) over OTLP/HTTP
+//! to a sink in this process that accepts and discards. Both phases run the real binary
+//! as a child process, restarted per phase with only the `OTEL_*` variables changed:
+//! telemetry is process-global (`patchbay_telemetry::init` installs it once, and this CLI
+//! already has its own log subscriber), so an in-process node could not switch it off
+//! again, and a node that never installed the OpenTelemetry layer would not be the
+//! "tracing off" a deployment runs. Phases alternate round by round; medians are
+//! compared.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -15,6 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use patchbay_bus::{BusConfig, CloudEvent};
 
+use crate::bench_gateway::{Killed, http_get, micros, sibling};
 use crate::certs::Identity;
 use crate::function::{DeployArgs, FnCommand};
 use crate::local::{self, NatsPlan, StateDir};
@@ -54,8 +66,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     pub iterations: usize,
     /// Which benchmarks: `functions` (event function vs native responder), `gateway`
-    /// (HTTP function through the gateway vs `wasmtime serve`), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway"])]
+    /// (HTTP function through the gateway vs `wasmtime serve`), `tracing` (the function
+    /// with OTLP export at 100 % sampling vs without), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing"])]
     pub suite: String,
     /// The `wasmtime` CLI (48.0.8, the engine Patchbay embeds) for the gateway baseline.
     #[arg(
@@ -147,6 +160,9 @@ async fn native_echo(
     }
 }
 
+/// Requests each load generator sends before it measures.
+const WARM_UP_REQUESTS: usize = 200;
+
 /// A warmed-up connection sending the same CloudEvent (binary mode) to one subject.
 #[derive(Clone)]
 struct Requester {
@@ -168,7 +184,7 @@ impl Requester {
             body: event.data,
         };
         // Warm up: connections, subscriptions, the instance pool.
-        for _ in 0..200 {
+        for _ in 0..WARM_UP_REQUESTS {
             let _ = requester.request().await;
         }
         Ok(requester)
@@ -260,13 +276,34 @@ async fn sequential(
     Ok((latencies[count / 2], latencies[count * 99 / 100]))
 }
 
+/// The table of median rounds, one row per measured side.
+fn print_rounds(rows: &[(&str, Round)]) {
+    let width = rows
+        .iter()
+        .map(|(name, _)| name.chars().count())
+        .max()
+        .unwrap_or(0);
+    println!();
+    println!(
+        "{:<width$} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "", "req/s", "p50", "p90", "p99", "errors"
+    );
+    for (name, r) in rows {
+        println!(
+            "{:<width$} {:>10.0} {:>9} {:>9} {:>9} {:>7}",
+            name,
+            r.rps,
+            micros(r.p50),
+            micros(r.p90),
+            micros(r.p99),
+            r.errors
+        );
+    }
+}
+
 fn median_round(mut rounds: Vec<Round>) -> Round {
     rounds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
     rounds[rounds.len() / 2]
-}
-
-fn micros(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
 /// Run the benchmark and print the table.
@@ -283,29 +320,62 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!();
         crate::bench_gateway::run(&args).await?;
     }
+    if matches!(args.suite.as_str(), "all" | "tracing") {
+        println!();
+        tracing_cost(&args).await?;
+    }
     Ok(())
+}
+
+/// A fresh nats-server (mutual TLS, JetStream, bootstrapped assets) in a temporary state
+/// directory. Fields drop in order: the server stops before its directory goes.
+pub(crate) struct Testbed {
+    pub(crate) nats: local::NatsProcess,
+    pub(crate) admin: patchbay_bus::Bus,
+    pub(crate) prepared: local::PreparedNats,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Testbed {
+    pub(crate) async fn start(args: &BenchArgs) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let plan = NatsPlan {
+            state: StateDir(dir.path().to_owned()),
+            deploy_dir: args.deploy_dir.clone(),
+            port: 0,
+            http_port: None,
+            extra_identities: vec![],
+            subject_prefix: String::new(),
+        };
+        let prepared = local::prepare(&plan)?;
+        let nats = local::start_nats(&args.nats_server, &prepared).await?;
+        let admin =
+            patchbay_bus::connect(&prepared.bus_config(&nats.url, &Identity::admin())).await?;
+        local::bootstrap(&admin, &args.deploy_dir).await?;
+        Ok(Self {
+            nats,
+            admin,
+            prepared,
+            dir,
+        })
+    }
+}
+
+/// The built component `name` (`build/components/<name>.wasm`).
+pub(crate) fn component(args: &BenchArgs, name: &str) -> anyhow::Result<PathBuf> {
+    let path = args.components.join(format!("{name}.wasm"));
+    if !path.is_file() {
+        bail!("{} not found: run `make wasm`", path.display());
+    }
+    Ok(path)
 }
 
 /// The function benchmark: an event function on a `subject` trigger beside a native
 /// responder, plus the engine alone.
 async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
-    let echo = args.components.join("echo.wasm");
-    if !echo.is_file() {
-        bail!("{} not found: run `make wasm`", echo.display());
-    }
-    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let plan = NatsPlan {
-        state: StateDir(dir.path().to_owned()),
-        deploy_dir: args.deploy_dir.clone(),
-        port: 0,
-        http_port: None,
-        extra_identities: vec![],
-        subject_prefix: String::new(),
-    };
-    let prepared = local::prepare(&plan)?;
-    let nats = local::start_nats(&args.nats_server, &prepared).await?;
-    let admin = patchbay_bus::connect(&prepared.bus_config(&nats.url, &Identity::admin())).await?;
-    local::bootstrap(&admin, &args.deploy_dir).await?;
+    let echo = component(args, "echo")?;
+    let bed = Testbed::start(args).await?;
+    let (prepared, nats, admin) = (&bed.prepared, &bed.nats, &bed.admin);
     let id = |s: &str| s.parse::<Identity>().context("identity");
     // Both responders are runtime identities: same permissions, same TLS.
     let native_config = prepared.bus_config(&nats.url, &id("runtime/node-2")?);
@@ -441,25 +511,10 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
     timings.sort_unstable();
     let median = timings[timings.len() / 2];
 
-    println!();
-    println!(
-        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "", "req/s", "p50", "p90", "p99", "errors"
-    );
-    for (name, r) in [
+    print_rounds(&[
         ("native async-nats echo (baseline)", native),
         ("function `echo`, subject trigger", function),
-    ] {
-        println!(
-            "{:<34} {:>10.0} {:>9} {:>9} {:>9} {:>7}",
-            name,
-            r.rps,
-            micros(r.p50),
-            micros(r.p90),
-            micros(r.p99),
-            r.errors
-        );
-    }
+    ]);
     println!();
     println!("one sequential requester (unloaded round trip):");
     println!(
@@ -487,6 +542,285 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
     );
     stop.store(true, Ordering::Relaxed);
     node_stop.notify_one();
-    drop(nats);
+    drop(bed);
+    Ok(())
+}
+
+/// Whether a phase of the tracing benchmark exports spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tracing {
+    /// Trace context only: spans get ids and propagate, nothing is exported (the default
+    /// of every binary without `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    Off,
+    /// Every span exported over OTLP/HTTP, 100 % sampling.
+    On,
+}
+
+/// An OTLP/HTTP traces endpoint that accepts every export request and discards it, counting
+/// requests and bytes so the report can show that export really happened.
+struct OtlpSink {
+    endpoint: String,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl OtlpSink {
+    async fn start() -> anyhow::Result<Self> {
+        let requests = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (seen, size) = (Arc::clone(&requests), Arc::clone(&bytes));
+        let app = axum::Router::new()
+            .route(
+                "/v1/traces",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    size.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    // An empty 200 is an empty ExportTraceServiceResponse: all accepted.
+                    async { axum::http::StatusCode::OK }
+                }),
+            )
+            // A full batch is a few hundred KiB; never refuse one for its size.
+            .layer(axum::extract::DefaultBodyLimit::disable());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot bind the OTLP sink")?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("OTLP sink failed: {e}");
+            }
+        });
+        Ok(Self {
+            endpoint,
+            requests,
+            bytes,
+        })
+    }
+}
+
+/// Start `patchbay-runtime` as `runtime/node-1` with `tracing`, its admin listener on
+/// `admin_listen`. Inherited `OTEL_*` variables are removed so only `tracing` decides.
+fn spawn_node(
+    bed: &Testbed,
+    admin_listen: &str,
+    tracing: Tracing,
+    otlp_endpoint: &str,
+) -> anyhow::Result<Killed> {
+    let identity = Identity::new("runtime", "node-1")?;
+    let files = bed.prepared.state.identity(&identity);
+    let log = bed.dir.path().join("runtime.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut command = std::process::Command::new(sibling("patchbay-runtime")?);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("OTEL_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env(crate::envfile::NATS_URL, &bed.nats.url)
+        .env(crate::envfile::NATS_CA, bed.prepared.state.ca())
+        .env(crate::envfile::NATS_CERT, &files.cert)
+        .env(crate::envfile::NATS_KEY, &files.key)
+        .env("PATCHBAY_NODE", "node-1")
+        // The binaries' default filter: the host's spans are at info level, so they exist
+        // in both phases and only their export differs.
+        .env("PATCHBAY_LOG", "info")
+        .env("PATCHBAY_ADMIN_LISTEN", admin_listen)
+        .env("PATCHBAY_DRAIN_TIMEOUT", "1s")
+        // A restarted node loads the compiled component instead of compiling it again.
+        .env("PATCHBAY_CACHE_DIR", bed.dir.path().join("component-cache"));
+    if tracing == Tracing::On {
+        command
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)
+            .env("OTEL_TRACES_SAMPLER", "always_on");
+    }
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start patchbay-runtime")?;
+    Ok(Killed(child))
+}
+
+/// The value of the Prometheus sample `series` in a /metrics body (0 when absent).
+fn sample(body: &str, series: &str) -> u64 {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Spans the node has exported and dropped, from its /metrics, once the counts have
+/// stopped moving for longer than the export interval (the last batch has left), at most
+/// 30 s.
+async fn settled_span_counts(admin_listen: &str) -> (u64, u64) {
+    let started = Instant::now();
+    let mut last = span_counts(admin_listen).await;
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(6) && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = span_counts(admin_listen).await;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
+}
+
+/// Spans the node exported and dropped so far, from its /metrics.
+async fn span_counts(admin_listen: &str) -> (u64, u64) {
+    let body = http_get(&format!("{admin_listen}/metrics"), None)
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let dropped = sample(
+        &body,
+        r#"patchbay_telemetry_spans_dropped_total{reason="queue_full"}"#,
+    ) + sample(
+        &body,
+        r#"patchbay_telemetry_spans_dropped_total{reason="export_failed"}"#,
+    );
+    (
+        sample(&body, "patchbay_telemetry_spans_exported_total"),
+        dropped,
+    )
+}
+
+/// The tracing benchmark: the function benchmark's load against a node with trace
+/// context only and against the same node exporting every span, alternating.
+async fn tracing_cost(args: &BenchArgs) -> anyhow::Result<()> {
+    let echo = component(args, "echo")?;
+    let bed = Testbed::start(args).await?;
+    let sink = OtlpSink::start().await?;
+    let load_config = bed
+        .prepared
+        .bus_config(&bed.nats.url, &"gateway/gateway".parse::<Identity>()?)
+        .name("bench-load");
+    let subject = "cc.v1.bench.traced".to_owned();
+    let admin_listen = format!("127.0.0.1:{}", {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    });
+
+    println!(
+        "tracing bench: function `echo` on a subject trigger in a patchbay-runtime child \
+         process, {} concurrent requesters, {}-byte CloudEvents, mTLS; tracing off (trace \
+         context only) vs OTLP/HTTP export at 100 % sampling to a local sink that discards; \
+         {} rounds × {:?}, phases alternating",
+        args.concurrency, args.payload, args.rounds, args.duration
+    );
+    let mut deployed = false;
+    let mut off_rounds = Vec::new();
+    let mut on_rounds = Vec::new();
+    let mut exported = 0u64;
+    let mut dropped = 0u64;
+    let mut requests_on = 0u64;
+    for round in 0..args.rounds {
+        for tracing in [Tracing::Off, Tracing::On] {
+            let node = spawn_node(&bed, &admin_listen, tracing, &sink.endpoint)?;
+            if deployed {
+                wait_serving(&bed.admin, "bench-traced").await?;
+            } else {
+                crate::function::run(
+                    FnCommand::Deploy(DeployArgs {
+                        file: echo.clone(),
+                        name: "bench-traced".into(),
+                        trigger: format!("subject:{subject}"),
+                        publish: vec!["cc.v1.bench.>".into()],
+                        config: vec![],
+                        max_deliver: 1,
+                        timeout: Duration::from_secs(1),
+                        memory_mib: 16,
+                        concurrency: 1024,
+                        wait: Duration::from_secs(60),
+                        json: true,
+                    }),
+                    bed.admin.clone(),
+                )
+                .await?;
+                deployed = true;
+            }
+            let (config, target, c, d, p) = (
+                load_config.clone(),
+                subject.clone(),
+                args.concurrency,
+                args.duration,
+                args.payload,
+            );
+            let result = tokio::task::spawn_blocking(move || {
+                runtime("current")?.block_on(load(config, target, c, d, p))
+            })
+            .await??;
+            let label = match tracing {
+                Tracing::Off => "off",
+                Tracing::On => {
+                    // Measured requests plus the warm-up, all of which were traced.
+                    requests_on +=
+                        (result.rps * args.duration.as_secs_f64()) as u64 + WARM_UP_REQUESTS as u64;
+                    let (e, d) = settled_span_counts(&admin_listen).await;
+                    exported += e;
+                    dropped += d;
+                    "on (OTLP export)"
+                }
+            };
+            eprintln!(
+                "  round {} tracing {:<17} {:>9.0} req/s  p50 {}",
+                round + 1,
+                label,
+                result.rps,
+                micros(result.p50)
+            );
+            match tracing {
+                Tracing::Off => off_rounds.push(result),
+                Tracing::On => on_rounds.push(result),
+            }
+            drop(node);
+        }
+    }
+    let off = median_round(off_rounds);
+    let on = median_round(on_rounds);
+    print_rounds(&[
+        ("tracing off (context only, no export)", off),
+        ("tracing on (OTLP/HTTP, 100 % sampled)", on),
+    ]);
+    println!();
+    println!(
+        "tracing cost {:.1} % throughput (target ≤ 10 %); during the on phases the node \
+         exported {} spans (~{:.1} per request) and dropped {}; the sink took {} \
+         requests, {} KiB",
+        (1.0 - on.rps / off.rps) * 100.0,
+        exported,
+        exported as f64 / requests_on.max(1) as f64,
+        dropped,
+        sink.requests.load(Ordering::Relaxed),
+        sink.bytes.load(Ordering::Relaxed) / 1024
+    );
+    if dropped > 0 {
+        println!(
+            "warning: spans were dropped, so the on figure understates the cost of exporting \
+             everything"
+        );
+    }
+    drop(bed);
+    Ok(())
+}
+
+/// Wait until a node serves version 1 of `name` (a restarted node reads the registry).
+async fn wait_serving(admin: &patchbay_bus::Bus, name: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while crate::function::serving_nodes(admin, name, 1, Duration::from_millis(300))
+        .await
+        .is_empty()
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("no node serves {name} after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

@@ -13,7 +13,6 @@ use anyhow::{Context as _, bail};
 use crate::bench::BenchArgs;
 use crate::certs::Identity;
 use crate::function::{DeployArgs, FnCommand};
-use crate::local::{self, NatsPlan, StateDir};
 
 /// What every `wasmtime serve` run gets: the `wasi:cli` interfaces a Rust `wasm32-wasip2`
 /// component imports through std (without them `wasmtime serve` refuses it).
@@ -34,8 +33,8 @@ const TUNED_FLAGS: &[&str] = &[
     "pooling-pagemap-scan=auto",
 ];
 
-/// A child killed when dropped.
-struct Killed(Child);
+/// A child process killed (and reaped) when dropped.
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -63,7 +62,10 @@ fn free_port() -> anyhow::Result<u16> {
 async fn wait_for_200(url: &str, token: Option<&str>, limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
-        if http_status(url, token).await == Some(200) {
+        if http_get(url, token)
+            .await
+            .is_some_and(|(status, _)| status == 200)
+        {
             return Ok(());
         }
         if started.elapsed() > limit {
@@ -73,10 +75,11 @@ async fn wait_for_200(url: &str, token: Option<&str>, limit: Duration) -> anyhow
     }
 }
 
-/// Status of a plain HTTP/1.0 `GET url`, if anything answered.
-async fn http_status(url: &str, token: Option<&str>) -> Option<u16> {
+/// `GET http://<host:port><path>` over plain HTTP/1.0 (with a bearer token when given):
+/// status and body, or `None` while nothing answers.
+pub(crate) async fn http_get(url: &str, token: Option<&str>) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://")?;
+    let rest = url.strip_prefix("http://").unwrap_or(url);
     let (host, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
@@ -86,11 +89,10 @@ async fn http_status(url: &str, token: Option<&str>) -> Option<u16> {
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
-    String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// Run wrk against `url` and read requests/s and the latency percentiles.
@@ -185,7 +187,8 @@ fn wasmtime_serve(
     Ok(Killed(child))
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+/// A binary installed next to this `patchbay` (`make build-release` puts them there).
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the patchbay binary")?;
     let path = exe.with_file_name(name);
     if !path.is_file() {
@@ -197,36 +200,22 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn micros(d: Duration) -> String {
+/// A duration in whole microseconds, for the benchmark tables.
+pub(crate) fn micros(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
 /// Run the gateway benchmark.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let component = args.components.join("http-echo.wasm");
-    if !component.is_file() {
-        bail!("{} not found: run `make wasm`", component.display());
-    }
+    let component = crate::bench::component(args, "http-echo")?;
     if !args.wasmtime.is_file() {
         bail!(
             "{} not found: `make bench` installs wasmtime-cli 48.0.8 there (or pass --wasmtime)",
             args.wasmtime.display()
         );
     }
-    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let state = StateDir(dir.path().to_owned());
-    let plan = NatsPlan {
-        state: state.clone(),
-        deploy_dir: args.deploy_dir.clone(),
-        port: 0,
-        http_port: None,
-        extra_identities: vec![],
-        subject_prefix: String::new(),
-    };
-    let prepared = local::prepare(&plan)?;
-    let nats = local::start_nats(&args.nats_server, &prepared).await?;
-    let admin = patchbay_bus::connect(&prepared.bus_config(&nats.url, &Identity::admin())).await?;
-    local::bootstrap(&admin, &args.deploy_dir).await?;
+    let bed = crate::bench::Testbed::start(args).await?;
+    let (dir, state, nats, admin) = (&bed.dir, &bed.prepared.state, &bed.nats, &bed.admin);
 
     let gateway_port = free_port()?;
     let identity = Identity::new("gateway", "gateway")?;
@@ -266,7 +255,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     let token = crate::token::create_token(
-        &admin,
+        admin,
         "bench",
         vec![patchbay_gateway::token::Scope::Admin],
         None,
@@ -276,7 +265,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if let Err(e) = wait_for_200(&gateway_url, Some(&token), Duration::from_secs(60)).await {
         let log = std::fs::read_to_string(dir.path().join("gateway.err")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        bail!("{e}; gateway log (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        bail!(
+            "{e}; gateway log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 
     let default_port = free_port()?;
@@ -347,7 +339,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         micros(tuned.p99)
     );
     drop(gateway_process);
-    drop(nats);
+    drop(bed);
     Ok(())
 }
 

@@ -288,7 +288,11 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
         let sum = |f: fn(&EndpointStatus) -> Option<f64>| -> Option<f64> {
             if rated {
                 // `+ 0.0`: an empty f64 sum is -0.0, which would print as "-0.0".
-                endpoints.iter().map(f).sum::<Option<f64>>().map(|r| r + 0.0)
+                endpoints
+                    .iter()
+                    .map(f)
+                    .sum::<Option<f64>>()
+                    .map(|r| r + 0.0)
             } else {
                 None
             }

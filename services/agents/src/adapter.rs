@@ -805,7 +805,9 @@ impl Worker {
 
     /// Reply to a `cc.v1.queues.stats` request with every queue's statistics.
     async fn answer_stats(&self, request: async_nats::Message) {
-        let span = self.bus.process_span(&request.subject, request.headers.as_ref());
+        let span = self
+            .bus
+            .process_span(&request.subject, request.headers.as_ref());
         let Some(reply) = request.reply.clone() else {
             return;
         };
