@@ -361,6 +361,34 @@ impl Testbed {
     }
 }
 
+/// Deploy `file` as function `name` for a benchmark: publishes on `cc.v1.bench.>`, 1 s
+/// timeout, no concurrency cap to speak of; waits up to `wait` for a node to serve it.
+pub(crate) async fn deploy_bench(
+    admin: patchbay_bus::Bus,
+    file: PathBuf,
+    name: String,
+    trigger: String,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    crate::function::run(
+        FnCommand::Deploy(DeployArgs {
+            file,
+            name,
+            trigger,
+            publish: vec!["cc.v1.bench.>".into()],
+            config: vec![],
+            max_deliver: 1,
+            timeout: Duration::from_secs(1),
+            memory_mib: 16,
+            concurrency: 1024,
+            wait,
+            json: true,
+        }),
+        admin,
+    )
+    .await
+}
+
 /// The built component `name` (`build/components/<name>.wasm`).
 pub(crate) fn component(args: &BenchArgs, name: &str) -> anyhow::Result<PathBuf> {
     let path = args.components.join(format!("{name}.wasm"));
@@ -417,21 +445,12 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
             eprintln!("runtime node failed: {e}");
         }
     })?;
-    crate::function::run(
-        FnCommand::Deploy(DeployArgs {
-            file: echo.clone(),
-            name: "bench-echo".into(),
-            trigger: format!("subject:{function_subject}"),
-            publish: vec!["cc.v1.bench.>".into()],
-            config: vec![],
-            max_deliver: 1,
-            timeout: Duration::from_secs(1),
-            memory_mib: 16,
-            concurrency: 1024,
-            wait: Duration::from_secs(30),
-            json: true,
-        }),
+    deploy_bench(
         admin.clone(),
+        echo.clone(),
+        "bench-echo".into(),
+        format!("subject:{function_subject}"),
+        Duration::from_secs(30),
     )
     .await?;
 
@@ -726,21 +745,12 @@ async fn tracing_cost(args: &BenchArgs) -> anyhow::Result<()> {
             if deployed {
                 wait_serving(&bed.admin, "bench-traced").await?;
             } else {
-                crate::function::run(
-                    FnCommand::Deploy(DeployArgs {
-                        file: echo.clone(),
-                        name: "bench-traced".into(),
-                        trigger: format!("subject:{subject}"),
-                        publish: vec!["cc.v1.bench.>".into()],
-                        config: vec![],
-                        max_deliver: 1,
-                        timeout: Duration::from_secs(1),
-                        memory_mib: 16,
-                        concurrency: 1024,
-                        wait: Duration::from_secs(60),
-                        json: true,
-                    }),
+                deploy_bench(
                     bed.admin.clone(),
+                    echo.clone(),
+                    "bench-traced".into(),
+                    format!("subject:{subject}"),
+                    Duration::from_secs(60),
                 )
                 .await?;
                 deployed = true;
