@@ -29,6 +29,14 @@ pub struct HostMetrics {
     pub dead_letters: IntCounterVec,
     /// `patchbay_fn_loaded{function,version}`: 1 for the version this node serves.
     pub loaded: GaugeVec,
+    /// `patchbay_fn_consumer_pending{function,stream}`: messages of a `stream`/`schedule`
+    /// trigger's durable consumer not yet delivered (the consumer lag), sampled every 5 s.
+    pub consumer_pending: GaugeVec,
+    /// `patchbay_fn_consumer_ack_pending{function,stream}`: delivered, not yet acked.
+    pub consumer_ack_pending: GaugeVec,
+    /// `patchbay_runtime_instances{kind}`: pooling-allocator slots in use now
+    /// (`component`, `core`, `memory`), sampled every second.
+    pub instances: GaugeVec,
 }
 
 impl HostMetrics {
@@ -71,6 +79,21 @@ impl HostMetrics {
                 "patchbay_fn_loaded",
                 "1 for the function version this node serves.",
                 &["function", "version"],
+            )?,
+            consumer_pending: metrics.gauge_vec(
+                "patchbay_fn_consumer_pending",
+                "Messages of a trigger's durable consumer not yet delivered (lag).",
+                &["function", "stream"],
+            )?,
+            consumer_ack_pending: metrics.gauge_vec(
+                "patchbay_fn_consumer_ack_pending",
+                "Messages of a trigger's durable consumer delivered but not yet acked.",
+                &["function", "stream"],
+            )?,
+            instances: metrics.gauge_vec(
+                "patchbay_runtime_instances",
+                "Pooling-allocator slots in use: component instances, core instances, memories.",
+                &["kind"],
             )?,
         })
     }

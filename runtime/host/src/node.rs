@@ -170,6 +170,7 @@ pub async fn run(
     }
     let invoke = tokio::spawn(triggers::invoke::run(Arc::clone(&node)));
     let status = tokio::spawn(triggers::status::run(Arc::clone(&node)));
+    let instances = tokio::spawn(sample_instances(Arc::clone(&node)));
     let discovery = crate::discovery::register(&node).await;
     let watcher = tokio::spawn(Arc::clone(&node).watch_registry());
     ready.set_ready(true);
@@ -195,11 +196,28 @@ pub async fn run(
     }
     invoke.abort();
     status.abort();
+    instances.abort();
     if let Some(discovery) = discovery {
         discovery.stop().await;
     }
     let _ = node.bus.client().flush().await;
     Ok(())
+}
+
+/// Every second, the pooling allocator's slots in use as `patchbay_runtime_instances`.
+async fn sample_instances(node: Arc<Node>) {
+    let Some(pool) = node.engine.wasmtime().pooling_allocator_metrics() else {
+        return;
+    };
+    let gauge = |kind: &str| node.metrics.instances.with_label_values(&[kind]);
+    let (components, cores, memories) = (gauge("component"), gauge("core"), gauge("memory"));
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        components.set(pool.component_instances() as f64);
+        cores.set(pool.core_instances() as f64);
+        memories.set(pool.memories() as f64);
+    }
 }
 
 impl Node {

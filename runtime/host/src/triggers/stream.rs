@@ -45,6 +45,12 @@ impl TriggerLoop for StreamTrigger {
         let batch = node
             .function(self.function.as_str())
             .map_or(16, |f| f.spec.limits.max_concurrency.clamp(1, 256) as usize);
+        let lag = tokio::spawn(sample_lag(
+            Arc::clone(&node),
+            consumer.clone(),
+            self.function.to_string(),
+            self.stream.clone(),
+        ));
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(batch)
@@ -76,6 +82,10 @@ impl TriggerLoop for StreamTrigger {
         }
         // Messages pulled but not started are left unacked: the server redelivers them
         // after ack_wait, to this node or another.
+        lag.abort();
+        for gauge in [&node.metrics.consumer_pending, &node.metrics.consumer_ack_pending] {
+            let _ = gauge.remove_label_values(&[self.function.as_str(), &self.stream]);
+        }
         Ok(())
     }
 }
@@ -150,6 +160,27 @@ async fn handle(
     }
     .instrument(span)
     .await;
+}
+
+/// Every 5 s, the consumer's lag (not yet delivered) and unacked count as gauges, so an
+/// operator sees a trigger falling behind before its stream fills.
+async fn sample_lag(node: Arc<Node>, mut consumer: PullConsumer, function: String, stream: String) {
+    let pending = node.metrics.consumer_pending.with_label_values(&[&function, &stream]);
+    let unacked = node
+        .metrics
+        .consumer_ack_pending
+        .with_label_values(&[&function, &stream]);
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        match consumer.info().await {
+            Ok(info) => {
+                pending.set(info.num_pending as f64);
+                unacked.set(info.num_ack_pending as f64);
+            }
+            Err(e) => tracing::debug!(%function, error = %e, "cannot read consumer info"),
+        }
+    }
 }
 
 /// Move `msg` to PATCHBAY_DLQ with its context, then terminate it (nak instead when the
