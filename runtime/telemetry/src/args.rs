@@ -1,7 +1,8 @@
 //! Command-line flags for logging and the admin listener, shared by every Patchbay binary
 //! (feature `cli`). Each flag is also read from a `PATCHBAY_*` environment variable; the
 //! OTLP exporter is configured by the standard `OTEL_EXPORTER_OTLP_*` variables, which
-//! the binary passes in with [`TelemetryArgs::config`].
+//! the binary passes in with [`TelemetryArgs::config`], or by `--otlp-endpoint` and
+//! `--trace-sampling`, which override them.
 
 use std::net::SocketAddr;
 
@@ -19,6 +20,15 @@ pub struct TelemetryArgs {
     /// Address of the admin listener serving /metrics, /healthz and /readyz.
     #[arg(long, env = "PATCHBAY_ADMIN_LISTEN", default_value = "127.0.0.1:0")]
     pub admin_listen: SocketAddr,
+    /// Export traces over OTLP/HTTP to this base URL (`/v1/traces` is appended), e.g.
+    /// `http://127.0.0.1:4318`. Overrides `OTEL_EXPORTER_OTLP_ENDPOINT`; the other
+    /// `OTEL_EXPORTER_OTLP_*` variables (headers, timeout) still apply.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces to sample, `0.0..=1.0` (parent-based). Overrides
+    /// `OTEL_TRACES_SAMPLER_ARG`.
+    #[arg(long)]
+    pub trace_sampling: Option<f64>,
 }
 
 impl TelemetryArgs {
@@ -37,7 +47,16 @@ impl TelemetryArgs {
             LogFormat::Human
         };
         config.log_filter.clone_from(&self.log);
-        config.with_otel_env(lookup)
+        // Flags win over the standard variables: present them to the same parser as if
+        // they were those variables, so both paths validate alike.
+        let endpoint = self.otlp_endpoint.clone();
+        let sampling = self.trace_sampling.map(|r| r.to_string());
+        config.with_otel_env(|key| match key {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" if endpoint.is_some() => endpoint.clone(),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if endpoint.is_some() => None,
+            "OTEL_TRACES_SAMPLER_ARG" if sampling.is_some() => sampling.clone(),
+            _ => lookup(key),
+        })
     }
 }
 
@@ -60,5 +79,54 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        telemetry: TelemetryArgs,
+    }
+
+    fn env(key: &str) -> Option<String> {
+        match key {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://from-env:4318".into()),
+            "OTEL_TRACES_SAMPLER_ARG" => Some("0.5".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn otlp_flags_override_the_standard_variables() {
+        let cli = Cli::parse_from([
+            "bin",
+            "--otlp-endpoint",
+            "http://from-flag:4318",
+            "--trace-sampling",
+            "0.25",
+        ]);
+        let otlp = cli.telemetry.config("svc", "i", env).unwrap().otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://from-flag:4318/v1/traces");
+        assert!((otlp.sampling_ratio - 0.25).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn without_flags_the_standard_variables_apply() {
+        let cli = Cli::parse_from(["bin"]);
+        let otlp = cli.telemetry.config("svc", "i", env).unwrap().otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://from-env:4318/v1/traces");
+        assert!((otlp.sampling_ratio - 0.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn an_out_of_range_sampling_flag_is_refused() {
+        let cli = Cli::parse_from(["bin", "--trace-sampling", "1.5"]);
+        assert!(cli.telemetry.config("svc", "i", env).is_err());
     }
 }
