@@ -168,7 +168,22 @@ async fn every_binary_serves_metrics_that_promtool_and_a_prometheus_server_accep
         ],
         &[],
     );
-    for admin in [&runtime_admin, &routing_admin] {
+    let agents_admin = format!("127.0.0.1:{}", free_port());
+    let agents_config = repo_root().join("deploy/agents.toml");
+    let _agents = stack.spawn_binary(
+        "patchbay-agents",
+        "service/agents",
+        "agents",
+        &[
+            "run",
+            "--config",
+            agents_config.to_str().unwrap(),
+            "--admin-listen",
+            &agents_admin,
+        ],
+        &[],
+    );
+    for admin in [&runtime_admin, &routing_admin, &agents_admin] {
         patchbay_tests::wait_ready(admin, READY).await;
     }
 
@@ -255,6 +270,7 @@ async fn every_binary_serves_metrics_that_promtool_and_a_prometheus_server_accep
         ("runtime", runtime_admin.as_str()),
         ("gateway", gateway.admin.as_str()),
         ("routing", routing_admin.as_str()),
+        ("agents", agents_admin.as_str()),
     ];
     for (name, admin) in admins {
         let (content_type, body) = scrape(&client, admin, None).await;
@@ -296,11 +312,19 @@ async fn every_binary_serves_metrics_that_promtool_and_a_prometheus_server_accep
     );
 
     // A real Prometheus scrapes every binary and can answer queries about them.
-    let prometheus = Prometheus::start(&stack, &[&runtime_admin, &gateway.admin, &routing_admin]);
+    let prometheus = Prometheus::start(
+        &stack,
+        &[
+            &runtime_admin,
+            &gateway.admin,
+            &routing_admin,
+            &agents_admin,
+        ],
+    );
     let targets = eventually(READY, "every Prometheus target to be up", || async {
         let data = prometheus.api(&client, "/api/v1/targets").await?;
         let targets = data["activeTargets"].as_array()?.clone();
-        (targets.len() == 3 && targets.iter().all(|t| t["health"] == "up")).then_some(targets)
+        (targets.len() == 4 && targets.iter().all(|t| t["health"] == "up")).then_some(targets)
     })
     .await;
     for target in &targets {

@@ -11,6 +11,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use http::{HeaderMap, StatusCode};
 use patchbay_bus::client::{PublishError, RequestErrorKind, RequestOptions};
 use patchbay_bus::event::STRUCTURED_CONTENT_TYPE;
@@ -387,7 +388,13 @@ fn deadline(state: &Shared, headers: &HeaderMap) -> Result<Deadline, Problem> {
     Ok(Deadline::after(state.bus.clock(), timeout(state, headers)?))
 }
 
-/// The whole body, refused with 413 past `limit` (at once when `Content-Length` says so).
+/// How much of a refused oversized body is read and discarded before answering 413, so a
+/// client still sending gets to read the answer instead of a reset connection ("lingering
+/// close", as nginx does). Beyond it the answer goes out at once.
+const DRAIN_CAP: usize = 16 << 20;
+
+/// The whole body, refused with 413 past `limit` (at once when `Content-Length` says so,
+/// after discarding up to [`DRAIN_CAP`] of what the client is still sending).
 pub(crate) async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -397,12 +404,34 @@ pub(crate) async fn read_body(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || Problem::payload_too_large(limit as u64);
     if declared.is_some_and(|len| len > limit as u64) {
-        return Err(Problem::payload_too_large(limit as u64));
+        drain(body).await;
+        return Err(too_large());
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| Problem::payload_too_large(limit as u64))
+    let mut body = body.into_data_stream();
+    let mut collected = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| Problem::bad_request("the request body was cut short"))?;
+        if collected.len() + chunk.len() > limit {
+            drain(Body::from_stream(body)).await;
+            return Err(too_large());
+        }
+        collected.extend_from_slice(&chunk);
+    }
+    Ok(collected.freeze())
+}
+
+/// Read and discard up to [`DRAIN_CAP`] bytes of `body`.
+async fn drain(body: Body) {
+    let mut body = body.into_data_stream();
+    let mut seen = 0;
+    while seen < DRAIN_CAP {
+        match body.next().await {
+            Some(Ok(chunk)) => seen += chunk.len(),
+            _ => return,
+        }
+    }
 }
 
 /// The CloudEvent of a `/v1/events` request, in either content mode.

@@ -79,6 +79,10 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard> {
             filter: cfg.log_filter.clone(),
             source,
         })?;
+    // The exporter's HTTP client (reqwest, built without a crypto provider of its own)
+    // takes the process-wide rustls provider; this workspace builds rustls with ring
+    // only, so make that the default unless the binary already chose one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let span_metrics = SpanExportMetrics::new()?;
     let provider = tracer_provider(cfg, &span_metrics)?;
 
