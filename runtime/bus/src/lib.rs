@@ -5,7 +5,8 @@
 //! on NATS headers, W3C trace-context propagation, the `patchbay-deadline` header and the
 //! publish/request primitives that apply all of them, plus the two record shapes every
 //! component shares: the reply to an invocation ([`reply`]) and the dead-letter record
-//! ([`dlq`]), and the NATS micro discovery every component answers ([`discovery`]). It
+//! ([`dlq`]), and the NATS micro discovery every component answers ([`discovery`]), and
+//! the request-side resilience mechanisms and policies ([`resilience`]). It
 //! does not own any business subject (those live in `patchbay-protocol`), any stream
 //! layout (that is `deploy/streams.toml`) or telemetry set-up (`patchbay-telemetry`).
 
@@ -27,6 +28,8 @@ pub mod dlq;
 pub mod event;
 #[cfg(feature = "client")]
 pub mod reply;
+#[cfg(feature = "client")]
+pub mod resilience;
 pub mod subject;
 #[cfg(feature = "client")]
 pub mod trace;

@@ -14,7 +14,8 @@
 //! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
 //! * [`function`] — the `patchbay fn …` commands; [`token`] — `patchbay token …` (gateway
 //!   API tokens); [`up`] — `patchbay up`; [`bench`], [`bench_gateway`] — `patchbay bench`;
-//!   [`status`] — `patchbay status` (components by NATS micro discovery, functions).
+//!   [`status`] — `patchbay status` (components by NATS micro discovery, functions);
+//!   [`resilience`] — `patchbay resilience apply|show` (policies per target).
 //!
 //! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
@@ -28,6 +29,7 @@ pub mod envfile;
 pub mod function;
 pub mod local;
 pub mod natsconf;
+pub mod resilience;
 pub mod status;
 pub mod streams;
 pub mod token;

@@ -9,6 +9,7 @@ use patchbay_cli::certs::{CertAuthority, Identity, Validity};
 use patchbay_cli::connection::ConnectionArgs;
 use patchbay_cli::function::FnCommand;
 use patchbay_cli::local::{self, StateDir};
+use patchbay_cli::resilience::ResilienceCommand;
 use patchbay_cli::token::TokenCommand;
 use patchbay_cli::up::UpArgs;
 
@@ -43,6 +44,10 @@ enum Command {
     /// API tokens for the HTTP gateway: create, list, revoke (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Timeouts, retries, budgets, breakers and limits per target: apply
+    /// deploy/resilience.toml, show what is stored (admin).
+    #[command(subcommand)]
+    Resilience(ResilienceCommand),
     /// Every running service, runtime node and gateway ($SRV discovery) and every
     /// function, with versions, health, rates and errors.
     Status(patchbay_cli::status::StatusArgs),
@@ -116,6 +121,12 @@ async fn main() -> anyhow::Result<()> {
             patchbay_cli::token::run(cmd, bus)
                 .await
                 .context("token command failed")
+        }
+        Command::Resilience(cmd) => {
+            let bus = cli.connection.connect().await?;
+            patchbay_cli::resilience::run(cmd, bus)
+                .await
+                .context("resilience command failed")
         }
         Command::Status(args) => {
             let bus = cli.connection.connect().await?;

@@ -83,7 +83,10 @@ impl TriggerLoop for StreamTrigger {
         // Messages pulled but not started are left unacked: the server redelivers them
         // after ack_wait, to this node or another.
         lag.abort();
-        for gauge in [&node.metrics.consumer_pending, &node.metrics.consumer_ack_pending] {
+        for gauge in [
+            &node.metrics.consumer_pending,
+            &node.metrics.consumer_ack_pending,
+        ] {
             let _ = gauge.remove_label_values(&[self.function.as_str(), &self.stream]);
         }
         Ok(())
@@ -165,7 +168,10 @@ async fn handle(
 /// Every 5 s, the consumer's lag (not yet delivered) and unacked count as gauges, so an
 /// operator sees a trigger falling behind before its stream fills.
 async fn sample_lag(node: Arc<Node>, mut consumer: PullConsumer, function: String, stream: String) {
-    let pending = node.metrics.consumer_pending.with_label_values(&[&function, &stream]);
+    let pending = node
+        .metrics
+        .consumer_pending
+        .with_label_values(&[&function, &stream]);
     let unacked = node
         .metrics
         .consumer_ack_pending
