@@ -69,7 +69,12 @@ fn headers(content_type: &str) -> Fields {
 }
 
 /// Set the response, let `fill` write the body, finish it.
-fn respond(out: ResponseOutparam, status: u16, content_type: &str, fill: impl FnOnce(&mut OutputStream)) {
+fn respond(
+    out: ResponseOutparam,
+    status: u16,
+    content_type: &str,
+    fill: impl FnOnce(&mut OutputStream),
+) {
     let response = OutgoingResponse::new(headers(content_type));
     let _ = response.set_status_code(status);
     let Ok(body) = response.body() else { return };
@@ -95,7 +100,9 @@ fn stream_echo(request: IncomingRequest, out: ResponseOutparam) {
         return respond(out, 400, "text/plain", |_| {});
     };
     respond(out, 200, "application/octet-stream", |body| {
-        let Ok(mut input) = incoming.stream() else { return };
+        let Ok(mut input) = incoming.stream() else {
+            return;
+        };
         let mut buffer = vec![0; CHUNK];
         loop {
             match Read::read(&mut input, &mut buffer) {
