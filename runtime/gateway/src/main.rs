@@ -11,9 +11,7 @@ use patchbay_bus::args::BusArgs;
 use patchbay_bus::trace::BusMetrics;
 use patchbay_gateway::{GatewayConfig, TlsFiles};
 use patchbay_host::EngineConfig;
-use patchbay_telemetry::{
-    Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
-};
+use patchbay_telemetry::{TelemetryArgs, shutdown_signal};
 
 /// Run the Patchbay HTTP gateway.
 #[derive(Debug, Parser)]
@@ -74,38 +72,20 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = args
+    let started = args
         .telemetry
-        .config("patchbay-gateway", &args.name, |k| std::env::var(k).ok())
-        .context("invalid telemetry settings")?;
-    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
-
-    let metrics = Metrics::new();
-    guard
-        .register_metrics(&metrics)
-        .context("failed to register span export metrics")?;
-    let health = Health::new();
-    let ready = health.register("registry");
-    let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
+        .start("patchbay-gateway", &args.name, "registry", |k| {
+            std::env::var(k).ok()
+        })
         .await
-        .with_context(|| {
-            format!(
-                "failed to bind admin listener {}",
-                args.telemetry.admin_listen
-            )
-        })?;
-    tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
-    tokio::spawn(serve_admin(
-        admin,
-        admin_router(metrics.clone(), health),
-        shutdown_signal(),
-    ));
+        .context("failed to start telemetry")?;
+    let (metrics, ready) = (&started.metrics, started.ready.clone());
 
     let bus = args
         .bus
         .config(format!("patchbay-gateway/{}", args.name))
         .context("invalid subject prefix")?
-        .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?);
+        .metrics(BusMetrics::register(metrics).context("failed to register bus metrics")?);
     let mut config = GatewayConfig::new(bus, args.listen);
     config.name = args.name;
     config.tls = args
@@ -125,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         cache_dir: args.cache_dir,
         ..EngineConfig::default()
     };
-    patchbay_gateway::run(config, &metrics, ready, shutdown_signal())
+    patchbay_gateway::run(config, metrics, ready, shutdown_signal())
         .await
         .context("gateway failed")
 }

@@ -8,9 +8,7 @@ use clap::Parser;
 use patchbay_bus::args::BusArgs;
 use patchbay_bus::trace::BusMetrics;
 use patchbay_host::{EngineConfig, NodeConfig};
-use patchbay_telemetry::{
-    Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
-};
+use patchbay_telemetry::{TelemetryArgs, shutdown_signal};
 
 /// Run a Patchbay runtime node.
 #[derive(Debug, Parser)]
@@ -38,32 +36,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = args
+    let started = args
         .telemetry
-        .config("patchbay-runtime", &args.node, |k| std::env::var(k).ok())
-        .context("invalid telemetry settings")?;
-    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
-
-    let metrics = Metrics::new();
-    guard
-        .register_metrics(&metrics)
-        .context("failed to register span export metrics")?;
-    let health = Health::new();
-    let ready = health.register("registry");
-    let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
+        .start("patchbay-runtime", &args.node, "registry", |k| {
+            std::env::var(k).ok()
+        })
         .await
-        .with_context(|| {
-            format!(
-                "failed to bind admin listener {}",
-                args.telemetry.admin_listen
-            )
-        })?;
-    tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
-    tokio::spawn(serve_admin(
-        admin,
-        admin_router(metrics.clone(), health),
-        shutdown_signal(),
-    ));
+        .context("failed to start telemetry")?;
+    let (metrics, ready) = (&started.metrics, started.ready.clone());
 
     let engine = EngineConfig {
         max_concurrent_instances: args.max_instances,
@@ -75,12 +55,12 @@ async fn main() -> anyhow::Result<()> {
             .bus
             .config(format!("patchbay-runtime/{}", args.node))
             .context("invalid subject prefix")?
-            .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?),
+            .metrics(BusMetrics::register(metrics).context("failed to register bus metrics")?),
         node: args.node,
         engine,
         drain_timeout: args.drain_timeout,
     };
-    patchbay_host::run(config, &metrics, ready, shutdown_signal())
+    patchbay_host::run(config, metrics, ready, shutdown_signal())
         .await
         .context("runtime node failed")
 }

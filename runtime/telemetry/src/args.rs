@@ -7,6 +7,9 @@
 use std::net::SocketAddr;
 
 use crate::config::{LogFormat, TelemetryConfig};
+use crate::{
+    Health, Metrics, ReadyFlag, TelemetryError, TelemetryGuard, admin_router, serve_admin,
+};
 
 /// Logging and admin-listener flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,6 +59,57 @@ impl TelemetryArgs {
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if endpoint.is_some() => None,
             "OTEL_TRACES_SAMPLER_ARG" if sampling.is_some() => sampling.clone(),
             _ => lookup(key),
+        })
+    }
+}
+
+/// What every binary starts with: telemetry installed (keep `guard` alive until exit), the
+/// process's metrics registry (with the span-export counters) and its readiness flag.
+#[derive(Debug)]
+pub struct Started {
+    /// Flushes queued spans when dropped.
+    pub guard: TelemetryGuard,
+    /// The process's registry, served on `/metrics`.
+    pub metrics: Metrics,
+    /// The component's readiness, served on `/readyz`.
+    pub ready: ReadyFlag,
+}
+
+impl TelemetryArgs {
+    /// The start-up every Patchbay binary shares: install telemetry for `service`
+    /// (instance `instance`, OTLP from the `OTEL_*` variables `lookup` returns and the
+    /// flags), create the metrics registry and a readiness flag named `readiness`, and
+    /// serve `/metrics`, `/healthz` and `/readyz` on `--admin-listen` until SIGINT/SIGTERM.
+    pub async fn start(
+        &self,
+        service: &str,
+        instance: &str,
+        readiness: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> crate::Result<Started> {
+        let guard = crate::init(&self.config(service, instance, lookup)?)?;
+        let metrics = Metrics::new();
+        guard.register_metrics(&metrics)?;
+        let health = Health::new();
+        let ready = health.register(readiness);
+        let admin_error = |source| TelemetryError::AdminServe {
+            address: self.admin_listen.to_string(),
+            source,
+        };
+        let admin = tokio::net::TcpListener::bind(self.admin_listen)
+            .await
+            .map_err(admin_error)?;
+        let address = admin.local_addr().map_err(admin_error)?;
+        tracing::info!(%address, "admin listener (/metrics, /healthz, /readyz)");
+        tokio::spawn(serve_admin(
+            admin,
+            admin_router(metrics.clone(), health),
+            shutdown_signal(),
+        ));
+        Ok(Started {
+            guard,
+            metrics,
+            ready,
         })
     }
 }

@@ -35,7 +35,7 @@ mod traces;
 pub mod args;
 pub use admin::{admin_router, serve_admin};
 #[cfg(feature = "cli")]
-pub use args::{TelemetryArgs, shutdown_signal};
+pub use args::{Started, TelemetryArgs, shutdown_signal};
 pub use config::{LogFormat, OtlpConfig, OtlpProtocol, TelemetryConfig};
 pub use exemplar::{
     ExemplarCounter, ExemplarCounterVec, ExemplarHistogram, ExemplarHistogramVec, sampled_trace_id,

@@ -20,9 +20,7 @@ use patchbay_agents::engine::EngineConfig;
 use patchbay_agents::simulate::{self, Scenario};
 use patchbay_bus::args::BusArgs;
 use patchbay_bus::trace::BusMetrics;
-use patchbay_telemetry::{
-    Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
-};
+use patchbay_telemetry::{TelemetryArgs, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -111,47 +109,30 @@ fn engine_config(path: &Path) -> Result<EngineConfig> {
 
 #[tokio::main]
 async fn serve(args: RunArgs) -> Result<()> {
-    let telemetry = args
+    let started = args
         .telemetry
-        .config("patchbay-agents", &args.instance, |k| std::env::var(k).ok())
-        .context("invalid telemetry settings")?;
-    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
+        .start("patchbay-agents", &args.instance, "agents-consumers", |k| {
+            std::env::var(k).ok()
+        })
+        .await
+        .context("failed to start telemetry")?;
+    let (metrics, ready) = (&started.metrics, started.ready.clone());
+
     let engine = match &args.config {
         Some(path) => engine_config(path)?,
         None => EngineConfig::default(),
     };
     tracing::info!(config = ?args.config, ?engine, "engine settings");
 
-    let metrics = Metrics::new();
-    guard
-        .register_metrics(&metrics)
-        .context("failed to register span export metrics")?;
-    let health = Health::new();
-    let ready = health.register("agents-consumers");
-    let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "failed to bind admin listener {}",
-                args.telemetry.admin_listen
-            )
-        })?;
-    tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
-    tokio::spawn(serve_admin(
-        admin,
-        admin_router(metrics.clone(), health),
-        shutdown_signal(),
-    ));
-
     let bus = args
         .bus
         .config(format!("patchbay-agents/{}", args.instance))
         .context("invalid subject prefix")?
-        .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?);
+        .metrics(BusMetrics::register(metrics).context("failed to register bus metrics")?);
     let mut config = AgentsConfig::new(bus, engine);
     config.max_batch = args.max_batch;
     config.stats_interval = args.stats_interval;
-    patchbay_agents::run(config, &metrics, ready, shutdown_signal())
+    patchbay_agents::run(config, metrics, ready, shutdown_signal())
         .await
         .context("agents service failed")
 }

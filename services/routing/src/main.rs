@@ -10,9 +10,7 @@ use clap::Parser;
 use patchbay_bus::args::BusArgs;
 use patchbay_bus::trace::BusMetrics;
 use patchbay_routing::RoutingConfig;
-use patchbay_telemetry::{
-    Health, Metrics, TelemetryArgs, admin_router, serve_admin, shutdown_signal,
-};
+use patchbay_telemetry::{TelemetryArgs, shutdown_signal};
 
 /// Route incoming contact-centre calls to queues.
 #[derive(Debug, Parser)]
@@ -50,46 +48,29 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = args
+    let started = args
         .telemetry
-        .config("patchbay-routing", &args.instance, |k| {
-            std::env::var(k).ok()
-        })
-        .context("invalid telemetry settings")?;
-    let guard = patchbay_telemetry::init(&telemetry).context("failed to start telemetry")?;
-
-    let metrics = Metrics::new();
-    guard
-        .register_metrics(&metrics)
-        .context("failed to register span export metrics")?;
-    let health = Health::new();
-    let ready = health.register("routing-consumer");
-    let admin = tokio::net::TcpListener::bind(args.telemetry.admin_listen)
+        .start(
+            "patchbay-routing",
+            &args.instance,
+            "routing-consumer",
+            |k| std::env::var(k).ok(),
+        )
         .await
-        .with_context(|| {
-            format!(
-                "failed to bind admin listener {}",
-                args.telemetry.admin_listen
-            )
-        })?;
-    tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
-    tokio::spawn(serve_admin(
-        admin,
-        admin_router(metrics.clone(), health),
-        shutdown_signal(),
-    ));
+        .context("failed to start telemetry")?;
+    let (metrics, ready) = (&started.metrics, started.ready.clone());
 
     let bus = args
         .bus
         .config(format!("patchbay-routing/{}", args.instance))
         .context("invalid subject prefix")?
-        .metrics(BusMetrics::register(&metrics).context("failed to register bus metrics")?);
+        .metrics(BusMetrics::register(metrics).context("failed to register bus metrics")?);
     let mut config = RoutingConfig::new(bus, args.rules);
     config.reload_interval = args.reload_interval;
     config.lookup_timeout = args.lookup_timeout;
     config.max_in_flight = args.max_in_flight;
     config.drain_timeout = args.drain_timeout;
-    config.metrics = metrics;
+    config.metrics = metrics.clone();
     config.ready = Some(ready);
     patchbay_routing::run(config, shutdown_signal())
         .await
