@@ -474,37 +474,14 @@ async fn consumer_info(admin: &Bus, stream: &str) -> async_nats::jetstream::cons
 
 /// Every message stored in `stream` under `subject`, as (ce-id, Nats-Msg-Id).
 async fn stored(admin: &Bus, stream: &str, subject: &str) -> Vec<(String, String)> {
-    use async_nats::jetstream::consumer::pull::OrderedConfig;
-    let consumer = admin
-        .jetstream()
-        .get_stream(stream)
+    patchbay_tests::stored_messages(admin, stream, subject)
         .await
-        .unwrap()
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.to_owned(),
-            ..Default::default()
+        .into_iter()
+        .map(|msg| {
+            let header = |name| patchbay_tests::header_value(msg.headers.as_ref(), name);
+            (header("ce-id"), header("Nats-Msg-Id"))
         })
-        .await
-        .unwrap();
-    let total = consumer.cached_info().num_pending;
-    let mut messages = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    for _ in 0..total {
-        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stored message within 10 s")
-            .expect("stream of stored messages ended early")
-            .unwrap();
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        out.push((header("ce-id"), header("Nats-Msg-Id")));
-    }
-    out
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,16 +576,7 @@ async fn a_stream_trigger_acks_every_event_once_and_publishes_each_output_once_e
         "outputs stored twice: {duplicated:?}"
     );
     assert_eq!(outputs.len(), N);
-    let dlq = admin
-        .jetstream()
-        .get_stream("PATCHBAY_DLQ")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let dlq = patchbay_tests::dead_letter_count(&admin).await;
     assert_eq!(dlq, 0, "inputs were dead-lettered");
     assert!(node2.is_running());
 }

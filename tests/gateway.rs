@@ -710,3 +710,95 @@ async fn sigterm_lets_an_in_flight_streaming_request_finish_then_exits() {
         "the gateway did not exit"
     );
 }
+
+/// A function whose deploy flags give it a breaker: once it has failed twice the gateway
+/// stops calling it and answers 503 `circuit-open` with `Retry-After`, while nothing
+/// reaches the bus. The flags' policy lives beside the file's: `resilience apply` keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_function_opens_its_breaker_and_the_gateway_answers_503_with_retry_after() {
+    let s = setup().await;
+    // A policy that does not parse is refused before anything is deployed.
+    let mut flags = MISBEHAVE_ON_SUBJECT.to_vec();
+    flags.extend(["--resilience", r#"timeout = "soon""#]);
+    let refused = s
+        .stack
+        .cli(
+            &[
+                &[
+                    "fn",
+                    "deploy",
+                    patchbay_tests::component("misbehave").to_str().unwrap(),
+                ][..],
+                &["--name", "misbehave"],
+                &flags,
+            ]
+            .concat(),
+        )
+        .failure();
+    assert!(refused.stderr().contains("timeout"), "{refused:?}");
+
+    let mut flags = MISBEHAVE_ON_SUBJECT.to_vec();
+    flags.extend([
+        "--resilience",
+        r#"retry = { max_attempts = 1 }, breaker = { consecutive_failures = 2, failure_rate = 0.0, cool_down = "1m" }"#,
+    ]);
+    let _ = s.stack.deploy("misbehave", "misbehave", &flags);
+    let admin = s.stack.admin().await;
+    let mut wire = admin
+        .client()
+        .subscribe("patchbay.v1.fn.misbehave.invoke")
+        .await
+        .unwrap();
+    admin.client().flush().await.unwrap();
+
+    let invoke = |n: u32| {
+        s.post("/v1/functions/misbehave/invoke")
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("breaker-{n}"))
+            .header("ce-source", "/tests")
+            .header("ce-type", "dead-letter")
+            .send()
+    };
+    for n in 0..2 {
+        problem(invoke(n).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+        next_message(&mut wire, Duration::from_secs(10), "the invocation").await;
+    }
+    for n in 2..5 {
+        let response = invoke(n).await.unwrap();
+        let retry_after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+        let body = problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert!(
+            body["type"].as_str().unwrap().ends_with("circuit-open"),
+            "{body}"
+        );
+    }
+    // Nothing was sent while the breaker was open.
+    admin.client().flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), wire.next())
+            .await
+            .is_err(),
+        "an invocation reached the bus while the breaker was open"
+    );
+
+    // The deploy's policy survives an apply of the policy file.
+    let file = patchbay_tests::repo_root().join("deploy/resilience.toml");
+    let _ = s
+        .stack
+        .cli(&["resilience", "apply", "--file", file.to_str().unwrap()])
+        .success();
+    let shown = s
+        .stack
+        .cli(&["resilience", "show", "--json"])
+        .success()
+        .json();
+    assert_eq!(
+        shown["targets"]["function:misbehave"]["breaker"]["consecutive_failures"], 2,
+        "{shown}"
+    );
+}

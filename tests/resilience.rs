@@ -182,3 +182,119 @@ async fn a_watch_as_the_routing_service_sees_applied_changes_without_restart() {
         Duration::from_millis(400)
     );
 }
+
+/// Retries during a total outage: a responder that answers every request with an error,
+/// 1,000 requests from one process under `max_attempts = 3` with a 20 % budget. Without a
+/// budget that would be 3,000 requests on the wire; with it, the extra load measured on the
+/// wire stays within `ratio × requests + min_per_sec × (seconds + 1)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_on_the_bus_stop_at_the_budget_under_a_total_outage() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt as _;
+    use patchbay_bus::CloudEvent;
+    use patchbay_bus::resilience::{CallError, Resilience};
+
+    const REQUESTS: usize = 1_000;
+    const RATIO: f64 = 0.2;
+    const MIN_PER_SEC: f64 = 1.0;
+    let stack = Stack::start().await;
+    let file = stack.state_dir().join("outage.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+            [targets."subject:cc.v1.tests.outage"]
+            timeout = "5s"
+            retry = {{ max_attempts = 3, backoff_base = "1ms", backoff_max = "2ms", retry_on = ["error"] }}
+            budget = {{ ratio = {RATIO}, min_per_sec = {MIN_PER_SEC} }}
+            # The breaker is off, so only the budget limits retries.
+            breaker = {{ consecutive_failures = 0, failure_rate = 0.0 }}
+            "#
+        ),
+    )
+    .unwrap();
+    let _ = stack
+        .cli(&["resilience", "apply", "--file", file.to_str().unwrap()])
+        .success();
+
+    // The target, down: every request is answered with an error reply.
+    let admin = stack.admin().await;
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut requests = admin
+        .client()
+        .subscribe("cc.v1.tests.outage")
+        .await
+        .unwrap();
+    admin.client().flush().await.unwrap();
+    tokio::spawn({
+        let (client, received) = (admin.client().clone(), Arc::clone(&received));
+        async move {
+            while let Some(msg) = requests.next().await {
+                received.fetch_add(1, Ordering::SeqCst);
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("patchbay-outcome", "error");
+                if let Some(reply) = msg.reply {
+                    let _ = client
+                        .publish_with_headers(reply, headers, "down".into())
+                        .await;
+                }
+            }
+        }
+    });
+
+    let caller = stack.connect("cli/admin").await;
+    let resilience = Resilience::new(
+        ResilienceWatch::start(&caller).await.unwrap(),
+        caller.shared_clock(),
+    );
+    let event = CloudEvent::new("/test", "cc.tests.outage.v1");
+    let started = std::time::Instant::now();
+    let failures: Vec<u32> = futures::stream::iter(0..REQUESTS)
+        .map(|_| {
+            let (caller, resilience, event) = (&caller, &resilience, &event);
+            async move {
+                let result = caller
+                    .request_resilient(
+                        resilience,
+                        "cc.v1.tests.outage",
+                        event,
+                        Duration::from_secs(5),
+                        None,
+                    )
+                    .await;
+                match result {
+                    Err(CallError::Failed { attempts, .. }) => attempts,
+                    other => panic!("expected a failure, got {other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(25)
+        .collect()
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    admin.client().flush().await.unwrap();
+    let attempts: u32 = failures.iter().sum();
+    eventually(
+        Duration::from_secs(10),
+        "every attempt to reach the target",
+        || async { (received.load(Ordering::SeqCst) >= attempts as usize).then_some(()) },
+    )
+    .await;
+
+    let on_the_wire = received.load(Ordering::SeqCst);
+    let extra = on_the_wire - REQUESTS;
+    #[allow(clippy::cast_precision_loss)]
+    let budget = RATIO * REQUESTS as f64 + MIN_PER_SEC * (seconds + 1.0) + 1.0;
+    assert_eq!(
+        on_the_wire, attempts as usize,
+        "every attempt is one request"
+    );
+    assert!(
+        (extra as f64) <= budget,
+        "{extra} retries over {REQUESTS} requests in {seconds:.1} s exceed the budget of {budget:.0}"
+    );
+    // The budget was used, not bypassed: some calls were retried.
+    assert!(extra > 0, "no call was retried");
+}

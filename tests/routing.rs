@@ -539,3 +539,131 @@ fn write(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// The lookup's breaker, as `deploy/resilience.toml` would set it but small enough to
+/// count: 3 consecutive failures open it, no retries (so every attempt is one request on
+/// the wire), one probe after the cool-down.
+const LOOKUP_POLICY: &str = r#"
+[targets."subject:cc.v1.customers.lookup"]
+timeout = "10s"
+retry = { max_attempts = 1 }
+breaker = { consecutive_failures = 3, failure_rate = 1.0, window = "1m", min_requests = 1000, cool_down = "4s", half_open_probes = 1 }
+"#;
+const LOOKUP_COOL_DOWN: Duration = Duration::from_secs(4);
+const LOOKUP_BREAKER: &str =
+    r#"patchbay_resilience_breaker_state{target="subject:cc.v1.customers.lookup"}"#;
+
+/// Route `call_id` and return its decision.
+async fn route_one(admin: &Bus, call_id: &str) -> CallRouted {
+    let mut sub = decisions(admin, call_id).await;
+    publish_call(admin, &call(call_id, "+44 20 7946 0999")).await;
+    next_routed(&mut sub).await.0
+}
+
+/// Assert that exactly `expected` lookup requests reached the bus so far (a plain
+/// subscriber sees every request the function's queue group would get): wait until that
+/// many arrived, let a round trip flush anything still in flight, then count.
+async fn assert_lookups_seen(admin: &Bus, seen: &std::sync::atomic::AtomicUsize, expected: usize) {
+    let count = || seen.load(std::sync::atomic::Ordering::SeqCst);
+    eventually(READY, "lookup requests", || async {
+        (count() >= expected).then_some(())
+    })
+    .await;
+    admin.client().flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count(), expected, "lookup requests on the wire");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_lookup_opens_the_breaker_routing_falls_back_and_a_probe_closes_it_on_recovery() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let stack = Stack::start().await;
+    let _node = stack.spawn_runtime("node-1");
+    let admin = stack.admin().await;
+    wait_until_serving(&admin, &["node-1"], None, READY).await;
+    // `misbehave` as customer-lookup: it dead-letters every lookup ("unknown type"), so
+    // every answer is a failure reply — a function failing 100 %.
+    let _ = stack.deploy(
+        "misbehave",
+        "customer-lookup",
+        &["--trigger", "subject:cc.v1.customers.lookup"],
+    );
+    wait_until_serving(&admin, &["node-1"], Some(("customer-lookup", 1)), READY).await;
+    let policy = stack.state_dir().join("resilience.toml");
+    std::fs::write(&policy, LOOKUP_POLICY).unwrap();
+    let _ = stack
+        .cli(&["resilience", "apply", "--file", policy.to_str().unwrap()])
+        .success();
+
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut wire = admin
+        .client()
+        .subscribe("cc.v1.customers.lookup")
+        .await
+        .unwrap();
+    admin.client().flush().await.unwrap();
+    tokio::spawn({
+        let seen = Arc::clone(&seen);
+        async move {
+            use futures::StreamExt as _;
+            while wire.next().await.is_some() {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let routing = Routing::start(&stack, &rules("general", "")).await;
+
+    // Ten calls while the function fails: three reach it and open the breaker, the other
+    // seven are routed without asking; every call is routed, all with the fallback tier.
+    for n in 0..10 {
+        let routed = route_one(&admin, &format!("call-down-{n}")).await;
+        assert!(!routed.lookup_ok);
+        assert_eq!(routed.customer_tier, "standard");
+        assert_eq!(routed.queue, "general");
+    }
+    assert_lookups_seen(&admin, &seen, 3).await;
+    let metrics = routing.metrics().await;
+    assert_eq!(metric_value(&metrics, LOOKUP_BREAKER), 2.0, "breaker open");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"patchbay_routing_lookups_total{outcome="circuit-open"}"#
+        ),
+        7.0
+    );
+
+    // After the cool-down exactly one probe goes through; it fails, the breaker re-opens.
+    tokio::time::sleep(LOOKUP_COOL_DOWN + Duration::from_millis(500)).await;
+    for n in 0..3 {
+        assert!(
+            !route_one(&admin, &format!("call-probe-{n}"))
+                .await
+                .lookup_ok
+        );
+    }
+    assert_lookups_seen(&admin, &seen, 4).await;
+    assert_eq!(
+        metric_value(&routing.metrics().await, LOOKUP_BREAKER),
+        2.0,
+        "a failed probe re-opens"
+    );
+
+    // The function recovers (the real customer-lookup as version 2). After the next
+    // cool-down the probe succeeds, the breaker closes and every call asks again.
+    deploy_customer_lookup(&stack);
+    wait_until_serving(&admin, &["node-1"], Some(("customer-lookup", 2)), READY).await;
+    tokio::time::sleep(LOOKUP_COOL_DOWN + Duration::from_millis(500)).await;
+    let routed = route_one(&admin, "call-recovered").await;
+    assert!(routed.lookup_ok, "the probe reached the recovered function");
+    assert_eq!(
+        metric_value(&routing.metrics().await, LOOKUP_BREAKER),
+        0.0,
+        "a successful probe closes"
+    );
+    for n in 0..3 {
+        assert!(route_one(&admin, &format!("call-up-{n}")).await.lookup_ok);
+    }
+    assert_lookups_seen(&admin, &seen, 8).await;
+}

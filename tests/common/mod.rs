@@ -600,6 +600,63 @@ pub async fn stored_count(admin: &Bus, stream: &str, filter: &str) -> usize {
     subjects.iter().map(|(_, n)| n).sum()
 }
 
+/// Every message `stream` stores under `subject`, in stream order (read with an ordered
+/// consumer, each within 10 s).
+pub async fn stored_messages(
+    admin: &Bus,
+    stream: &str,
+    subject: &str,
+) -> Vec<async_nats::jetstream::Message> {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use futures::StreamExt as _;
+    let consumer = admin
+        .jetstream()
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let total = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    for _ in 0..total {
+        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stored message within 10 s")
+            .expect("stream of stored messages ended early")
+            .unwrap();
+        out.push(msg);
+    }
+    out
+}
+
+/// The value of header `name` (empty when absent).
+#[must_use]
+pub fn header_value(headers: Option<&async_nats::HeaderMap>, name: &str) -> String {
+    headers
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// How many dead letters PATCHBAY_DLQ holds.
+pub async fn dead_letter_count(admin: &Bus) -> u64 {
+    admin
+        .jetstream()
+        .get_stream("PATCHBAY_DLQ")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
 /// Wait until `GET /readyz` on the admin listener `addr` answers 200.
 pub async fn wait_ready(addr: &str, limit: Duration) {
     eventually(limit, &format!("{addr}/readyz to answer 200"), || async {

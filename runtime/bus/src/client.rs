@@ -603,6 +603,12 @@ impl Bus {
         self.clock.as_ref()
     }
 
+    /// The clock, shared (for mechanisms that keep it, like [`crate::resilience::Resilience`]).
+    #[must_use]
+    pub fn shared_clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
     /// Replace the clock (tests).
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {

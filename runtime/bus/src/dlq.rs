@@ -70,8 +70,12 @@ impl DeadLetter<'_> {
             for (name, values) in original.iter() {
                 let n: &str = name.as_ref();
                 // The original de-duplication id must not block the dead letter, nor
-                // later a replay, so it is not copied.
-                if n.eq_ignore_ascii_case("Nats-Msg-Id") {
+                // later a replay, so it is not copied; nor is the `Nats-Stream-Source`
+                // the server puts on sourced copies (PATCHBAY_ORDERED): a publish that
+                // sets it is refused.
+                if n.eq_ignore_ascii_case("Nats-Msg-Id")
+                    || n.eq_ignore_ascii_case("Nats-Stream-Source")
+                {
                     continue;
                 }
                 for value in values {
@@ -184,6 +188,7 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         );
         original.insert("Nats-Msg-Id", "e1");
+        original.insert("Nats-Stream-Source", "CC_CALLS 7 > >");
         let dl = DeadLetter {
             function: "f",
             version: Some(3),
@@ -205,6 +210,7 @@ mod tests {
         assert_eq!(get(VERSION).as_deref(), Some("3"));
         assert_eq!(get("ce-id").as_deref(), Some("e1"));
         assert_eq!(get("Nats-Msg-Id"), None);
+        assert_eq!(get("Nats-Stream-Source"), None);
         let back = original_headers(&h);
         assert_eq!(back.get("ce-id").map(|v| v.as_str()), Some("e1"));
         assert!(back.get(FUNCTION).is_none() && back.get(ERROR).is_none());

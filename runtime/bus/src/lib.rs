@@ -27,6 +27,8 @@ pub mod dlq;
 #[cfg(feature = "client")]
 pub mod event;
 #[cfg(feature = "client")]
+pub mod pull;
+#[cfg(feature = "client")]
 pub mod reply;
 #[cfg(feature = "client")]
 pub mod resilience;

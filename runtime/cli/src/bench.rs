@@ -67,8 +67,9 @@ pub struct BenchArgs {
     pub iterations: usize,
     /// Which benchmarks: `functions` (event function vs native responder), `gateway`
     /// (HTTP function through the gateway vs `wasmtime serve`), `tracing` (the function
-    /// with OTLP export at 100 % sampling vs without), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing"])]
+    /// with OTLP export at 100 % sampling vs without), `breaker` (routing's latency under
+    /// a hung customer lookup, with and without a circuit breaker), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing", "breaker"])]
     pub suite: String,
     /// The `wasmtime` CLI (48.0.8, the engine Patchbay embeds) for the gateway baseline.
     #[arg(
@@ -324,6 +325,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!();
         tracing_cost(&args).await?;
     }
+    if matches!(args.suite.as_str(), "all" | "breaker") {
+        println!();
+        crate::bench_breaker::run(&args).await?;
+    }
     Ok(())
 }
 
@@ -372,17 +377,13 @@ pub(crate) async fn deploy_bench(
 ) -> anyhow::Result<()> {
     crate::function::run(
         FnCommand::Deploy(DeployArgs {
-            file,
-            name,
-            trigger,
             publish: vec!["cc.v1.bench.>".into()],
-            config: vec![],
             max_deliver: 1,
-            timeout: Duration::from_secs(1),
             memory_mib: 16,
             concurrency: 1024,
             wait,
             json: true,
+            ..DeployArgs::new(file, name, trigger)
         }),
         admin,
     )
@@ -625,15 +626,45 @@ fn spawn_node(
     tracing: Tracing,
     otlp_endpoint: &str,
 ) -> anyhow::Result<Killed> {
-    let identity = Identity::new("runtime", "node-1")?;
+    let cache = bed.dir.path().join("component-cache");
+    let cache = cache.to_string_lossy();
+    let mut env = vec![
+        ("PATCHBAY_NODE", "node-1"),
+        // The binaries' default filter: the host's spans are at info level, so they exist
+        // in both phases and only their export differs.
+        ("PATCHBAY_LOG", "info"),
+        ("PATCHBAY_ADMIN_LISTEN", admin_listen),
+        ("PATCHBAY_DRAIN_TIMEOUT", "1s"),
+        // A restarted node loads the compiled component instead of compiling it again.
+        ("PATCHBAY_CACHE_DIR", &cache),
+    ];
+    if tracing == Tracing::On {
+        env.extend([
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+        ]);
+    }
+    spawn_workload(bed, "patchbay-runtime", ("runtime", "node-1"), &env)
+}
+
+/// Start the Patchbay binary `binary` (beside this one) as workload `identity` (kind,
+/// name) on the testbed's bus, with `env` added; its output goes to `<name>.log` in the
+/// testbed's directory. Inherited `OTEL_*` variables are removed so only `env` decides.
+pub(crate) fn spawn_workload(
+    bed: &Testbed,
+    binary: &str,
+    (kind, name): (&str, &str),
+    env: &[(&str, &str)],
+) -> anyhow::Result<Killed> {
+    let identity = Identity::new(kind, name)?;
     let files = bed.prepared.state.identity(&identity);
-    let log = bed.dir.path().join("runtime.log");
+    let log = bed.dir.path().join(format!("{name}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log)
         .with_context(|| format!("cannot open {}", log.display()))?;
-    let mut command = std::process::Command::new(sibling("patchbay-runtime")?);
+    let mut command = std::process::Command::new(sibling(binary)?);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("OTEL_") {
             command.env_remove(key);
@@ -644,25 +675,13 @@ fn spawn_node(
         .env(crate::envfile::NATS_CA, bed.prepared.state.ca())
         .env(crate::envfile::NATS_CERT, &files.cert)
         .env(crate::envfile::NATS_KEY, &files.key)
-        .env("PATCHBAY_NODE", "node-1")
-        // The binaries' default filter: the host's spans are at info level, so they exist
-        // in both phases and only their export differs.
-        .env("PATCHBAY_LOG", "info")
-        .env("PATCHBAY_ADMIN_LISTEN", admin_listen)
-        .env("PATCHBAY_DRAIN_TIMEOUT", "1s")
-        // A restarted node loads the compiled component instead of compiling it again.
-        .env("PATCHBAY_CACHE_DIR", bed.dir.path().join("component-cache"));
-    if tracing == Tracing::On {
-        command
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)
-            .env("OTEL_TRACES_SAMPLER", "always_on");
-    }
+        .envs(env.iter().copied());
     let child = command
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .context("cannot start patchbay-runtime")?;
+        .with_context(|| format!("cannot start {binary}"))?;
     Ok(Killed(child))
 }
 

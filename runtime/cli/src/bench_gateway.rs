@@ -239,17 +239,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     crate::function::run(
         FnCommand::Deploy(DeployArgs {
-            file: component.clone(),
-            name: "bench-http".into(),
-            trigger: "http:/bench/...".into(),
-            publish: vec![],
-            config: vec![],
             max_deliver: 1,
             timeout: Duration::from_secs(5),
             memory_mib: 16,
             concurrency: 1024,
             wait: Duration::ZERO,
             json: true,
+            ..DeployArgs::new(component.clone(), "bench-http", "http:/bench/...")
         }),
         admin.clone(),
     )

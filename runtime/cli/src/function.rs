@@ -11,6 +11,7 @@ use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use patchbay_bus::{Bus, CloudEvent, RequestOptions, Token};
+use patchbay_host::canary::Verdict;
 use patchbay_host::dispatch::LogRecord;
 use patchbay_host::registry::{
     self, DLQ_STREAM, FunctionSpec, LOGS_STREAM, Limits, Registry, TICKS_STREAM, Trigger,
@@ -54,13 +55,23 @@ pub enum FnCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make an earlier version active again.
+    /// End a canary (all new traffic back to the active version at once), or without one,
+    /// make an earlier version active again.
     Rollback {
         /// Function name.
         name: String,
-        /// Version to activate (default: the one before the active one).
+        /// Version to activate (default: the one before the active one; with a canary
+        /// running: the active one).
         #[arg(long)]
         to: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running canary the active version (all traffic on it).
+    Promote {
+        /// Function name.
+        name: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -134,12 +145,73 @@ pub struct DeployArgs {
     /// Concurrent invocations per node.
     #[arg(long, default_value_t = Limits::default().max_concurrency)]
     pub concurrency: u32,
+    /// With a `stream` trigger: handle the events of each key (the first `*` token of the
+    /// trigger's subject, e.g. the call id) one at a time and in order, across all nodes.
+    #[arg(long)]
+    pub ordered: bool,
+    /// Partitions of an `--ordered` trigger: the most keys handled at once (default 16).
+    #[arg(long, requires = "ordered")]
+    pub partitions: Option<u32>,
+    /// Deploy as a canary: this percentage of interactions (sticky per `partitionkey`,
+    /// else per event id) goes to the new version, the rest stays on the active one. A
+    /// running canary is replaced; a deploy without `--canary` ends it.
+    #[arg(long, value_name = "PERCENT")]
+    pub canary: Option<f64>,
+    /// With `--canary`: runtime nodes stop routing to the canary by themselves when its
+    /// error rate exceeds the active version's by more than this fraction (0.05 = 5 points).
+    #[arg(long, requires = "canary", value_name = "FRACTION")]
+    pub auto_rollback_margin: Option<f64>,
+    /// With `--auto-rollback-margin`: events the canary must have handled on a node
+    /// before that node judges it.
+    #[arg(
+        long,
+        requires = "auto_rollback_margin",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub auto_rollback_min_events: u64,
+    /// The function's resilience policy for its callers (the gateway, other functions):
+    /// the fields of a `[targets."function:<name>"]` table of deploy/resilience.toml on
+    /// one line, e.g. `timeout = "2s", retry = { max_attempts = 3 }, concurrency = 16`.
+    /// An empty string removes it. Stored in `patchbay-resilience`; without the flag the
+    /// function's policy is left as it is.
+    #[arg(long, value_name = "FIELDS")]
+    pub resilience: Option<String>,
     /// Wait this long for a runtime node to serve the new version (0 = don't wait).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+impl DeployArgs {
+    /// The flags of `patchbay fn deploy <file> --name <name> --trigger <trigger>` with
+    /// every other flag at its command-line default (for commands that deploy on a user's
+    /// behalf: `up`, `bench`).
+    #[must_use]
+    pub fn new(file: PathBuf, name: impl Into<String>, trigger: impl Into<String>) -> Self {
+        let limits = Limits::default();
+        Self {
+            file,
+            name: name.into(),
+            trigger: trigger.into(),
+            publish: vec![],
+            config: vec![],
+            max_deliver: limits.max_deliver,
+            timeout: Duration::from_secs(1),
+            memory_mib: 64,
+            concurrency: limits.max_concurrency,
+            ordered: false,
+            partitions: None,
+            canary: None,
+            auto_rollback_margin: None,
+            auto_rollback_min_events: 100,
+            resilience: None,
+            wait: Duration::from_secs(30),
+            json: false,
+        }
+    }
 }
 
 /// `patchbay fn invoke` flags.
@@ -210,11 +282,12 @@ pub async fn run(command: FnCommand, bus: Bus) -> anyhow::Result<()> {
         .context("failed to open the function registry (did `patchbay up` bootstrap it?)")?;
     match command {
         FnCommand::Deploy(args) => deploy(&bus, &registry, args).await,
-        FnCommand::Ls { json } => ls(&registry, json).await,
-        FnCommand::Describe { name, json } => describe(&registry, &name, json).await,
+        FnCommand::Ls { json } => ls(&bus, &registry, json).await,
+        FnCommand::Describe { name, json } => describe(&bus, &registry, &name, json).await,
         FnCommand::Invoke(args) => invoke(&bus, args).await,
         FnCommand::Logs { name, follow, json } => logs(&bus, &name, follow, json).await,
         FnCommand::Rollback { name, to, json } => rollback(&bus, &registry, &name, to, json).await,
+        FnCommand::Promote { name, json } => promote(&bus, &registry, &name, json).await,
         FnCommand::Rm { name, purge } => rm(&bus, &registry, &name, purge).await,
         FnCommand::Dlq(cmd) => dlq_command(&bus, cmd).await,
         FnCommand::Kv(cmd) => kv_command(&bus, cmd).await,
@@ -241,11 +314,24 @@ fn now_rfc3339() -> String {
 
 async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Result<()> {
     let name = token(&args.name)?;
-    let trigger = Trigger::parse(&args.trigger)?;
+    let mut trigger = Trigger::parse(&args.trigger)?;
+    if args.ordered {
+        trigger = trigger.with_ordering(patchbay_host::ordering::Ordered {
+            partitions: args
+                .partitions
+                .unwrap_or(patchbay_host::ordering::DEFAULT_PARTITIONS),
+        })?;
+    }
     for p in &args.publish {
         if !patchbay_bus::subject::is_valid_pattern(p) {
             bail!("--publish {p:?} is not a valid subject pattern");
         }
+    }
+    // Refuse a bad policy before anything is uploaded.
+    if let Some(fields) = args.resilience.as_deref().filter(|f| !f.trim().is_empty()) {
+        let target = patchbay_bus::resilience::Target::Function(name.to_string());
+        patchbay_bus::resilience::TargetPolicy::from_inline(&target, fields)
+            .with_context(|| format!("--resilience for {target}"))?;
     }
     let size = std::fs::metadata(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?
@@ -305,7 +391,26 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         max_concurrency: args.concurrency.max(1),
         max_deliver: args.max_deliver.max(1),
     };
-    ensure_consumer(bus, &name, &trigger, &limits).await?;
+    let canary = args
+        .canary
+        .map(|percent| registry::Canary {
+            version: 0,
+            percent,
+            auto_rollback: args
+                .auto_rollback_margin
+                .map(|margin| registry::AutoRollback {
+                    margin,
+                    min_events: args.auto_rollback_min_events,
+                }),
+            started_at: now_rfc3339(),
+        })
+        .map(|c| c.validate().map(|()| c))
+        .transpose()?;
+    // A canary shares the active version's trigger, hence its consumer: that keeps the
+    // stable version's settings until `fn promote`.
+    if canary.is_none() {
+        ensure_consumer(bus, &name, &trigger, &limits).await?;
+    }
     let version = VersionSpec {
         version: 0,
         digest: digest.clone(),
@@ -318,50 +423,98 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         stream_subjects: stream_subjects(&js).await?,
     };
     let mut unchanged = false;
+    let mut ended_canary = None;
     let spec = registry
         .update(name.as_str(), |current| {
             let mut spec = current.unwrap_or_else(|| FunctionSpec {
                 name: name.to_string(),
                 active: 0,
                 versions: vec![],
+                canary: None,
             });
-            // Deploying exactly what is active (same component, trigger, allow-list,
-            // config and limits) is a no-op, so scripts like `patchbay up` can re-run.
-            unchanged = spec.active_version().is_ok_and(|active| {
+            // Deploying exactly what already serves (same component, trigger, allow-list,
+            // config and limits — and canary share) is a no-op, so scripts can re-run.
+            let same = |deployed: &VersionSpec| {
                 VersionSpec {
-                    version: active.version,
-                    deployed_at: active.deployed_at.clone(),
+                    version: deployed.version,
+                    deployed_at: deployed.deployed_at.clone(),
                     ..version.clone()
-                } == *active
-            });
-            if !unchanged {
-                spec.push(version.clone());
+                } == *deployed
+            };
+            ended_canary = None;
+            match &canary {
+                None => {
+                    unchanged = spec.canary.is_none() && spec.active_version().is_ok_and(same);
+                    if !unchanged {
+                        ended_canary = spec.canary.as_ref().map(|c| c.version);
+                        spec.push(version.clone());
+                    }
+                }
+                Some(new) => {
+                    if spec.active_version().is_ok_and(same) {
+                        return Err(registry::RegistryError::Invalid(format!(
+                            "{name} v{} is already this component with these settings; \
+                             nothing to canary",
+                            spec.active
+                        )));
+                    }
+                    unchanged = spec.canary.as_ref().is_some_and(|c| {
+                        c.percent.to_bits() == new.percent.to_bits()
+                            && c.auto_rollback == new.auto_rollback
+                            && spec.version(c.version).is_ok_and(same)
+                    });
+                    if !unchanged {
+                        ended_canary = spec.canary.as_ref().map(|c| c.version);
+                        spec.start_canary(version.clone(), new.clone())?;
+                    }
+                }
             }
             Ok(spec)
         })
         .await?;
+    if let Some(fields) = &args.resilience {
+        let change = crate::resilience::put_deployed(bus, name.as_str(), fields).await?;
+        if !args.json {
+            eprintln!("resilience policy: {change}");
+        }
+    }
+    let deployed = spec.canary.as_ref().map_or(spec.active, |c| c.version);
     // HTTP functions are served by gateways, which do not answer the node status query.
     let serving = if args.wait.is_zero() || http {
         vec![]
+    } else if spec.canary.is_some() {
+        wait_for_canary(bus, name.as_str(), deployed, args.wait).await
     } else {
         wait_for_version(bus, name.as_str(), spec.active, args.wait).await
     };
     if args.json {
         println!(
             "{}",
-            json!({ "name": name.as_str(), "version": spec.active, "digest": digest,
+            json!({ "name": name.as_str(), "version": deployed, "active": spec.active,
+                    "canary": spec.canary, "ended_canary": ended_canary, "digest": digest,
                     "trigger": trigger.to_string(), "nodes": serving, "unchanged": unchanged })
         );
     } else {
-        println!(
-            "deployed {name} v{} (sha256:{}) trigger {trigger}",
-            spec.active,
-            &digest[..12]
-        );
+        match &spec.canary {
+            Some(c) => println!(
+                "deployed {name} v{deployed} (sha256:{}) as a canary: {}% of interactions, \
+                 the rest on v{}",
+                &digest[..12],
+                c.percent,
+                spec.active
+            ),
+            None => println!(
+                "deployed {name} v{deployed} (sha256:{}) trigger {trigger}",
+                &digest[..12]
+            ),
+        }
+        if let Some(old) = ended_canary {
+            println!("note: this deploy replaced the running canary v{old}");
+        }
         if http {
             println!("served by every gateway on {trigger}");
         } else if serving.is_empty() && !args.wait.is_zero() {
-            println!("warning: no runtime node serves v{} yet", spec.active);
+            println!("warning: no runtime node serves v{deployed} yet");
         } else if !serving.is_empty() {
             println!("serving on {}", serving.join(", "));
         }
@@ -404,16 +557,45 @@ async fn ensure_bucket(js: &jetstream::Context, name: &Token) -> anyhow::Result<
     Ok(())
 }
 
-/// Create or update the durable consumer a `stream` or `schedule` trigger reads.
+/// How long a trigger's consumer waits for an ack: the whole invocation plus publishing
+/// outputs; a crashed node's messages come back to the others after it.
+fn ack_wait(limits: &Limits) -> Duration {
+    Duration::from_millis(limits.timeout_ms.saturating_mul(2)).max(Duration::from_secs(3))
+}
+
+/// Create or update the durable consumer a `stream` or `schedule` trigger reads (for an
+/// ordered one, its partitioned copy and partition consumers).
 async fn ensure_consumer(
     bus: &Bus,
     name: &Token,
     trigger: &Trigger,
     limits: &Limits,
 ) -> anyhow::Result<()> {
+    if let Trigger::Stream {
+        stream,
+        subject,
+        ordered: Some(ordered),
+    } = trigger
+    {
+        let ack_wait = ack_wait(limits);
+        return crate::ordering::ensure(
+            bus,
+            name,
+            stream,
+            subject,
+            *ordered,
+            ack_wait,
+            limits.max_deliver,
+        )
+        .await;
+    }
+    // Not (or no longer) ordered: drop any partitioned copy of the input.
+    crate::ordering::remove(bus, name).await?;
     let subjects = bus.subjects();
     let (stream, filter) = match trigger {
-        Trigger::Stream { stream, subject } => (stream.clone(), subjects.full(subject)),
+        Trigger::Stream {
+            stream, subject, ..
+        } => (stream.clone(), subjects.full(subject)),
         Trigger::Schedule { .. } => (
             TICKS_STREAM.to_owned(),
             registry::tick_subject(subjects, name),
@@ -424,10 +606,7 @@ async fn ensure_consumer(
     let stream_handle = js.get_stream(&stream).await.with_context(|| {
         format!("stream {stream} does not exist (declare it in deploy/streams.toml)")
     })?;
-    // ack_wait covers the whole invocation plus publishing outputs; a crashed node's
-    // messages come back to the others after it.
-    let ack_wait =
-        Duration::from_millis(limits.timeout_ms.saturating_mul(2)).max(Duration::from_secs(3));
+    let ack_wait = ack_wait(limits);
     let durable = registry::consumer_name(name);
     stream_handle
         .create_consumer(consumer::pull::Config {
@@ -496,43 +675,72 @@ pub async fn node_statuses(bus: &Bus, window: Duration) -> Vec<NodeStatus> {
     statuses
 }
 
-async fn ls(registry: &Registry, json: bool) -> anyhow::Result<()> {
+/// A function's canary with its verdict, as `fn ls --json`/`fn describe --json` print it.
+async fn canary_json(store: Option<&kv::Store>, spec: &FunctionSpec) -> serde_json::Value {
+    let Some(c) = &spec.canary else {
+        return serde_json::Value::Null;
+    };
+    let verdict = verdict(store, &spec.name, c.version).await;
+    json!({ "version": c.version, "percent": c.percent, "auto_rollback": c.auto_rollback,
+            "started_at": c.started_at, "verdict": verdict })
+}
+
+/// A function's canary in one phrase for the tables: `v2 10%`, `v2 10% rolled back`.
+async fn canary_text(store: Option<&kv::Store>, spec: &FunctionSpec) -> String {
+    let Some(c) = &spec.canary else {
+        return "-".into();
+    };
+    match verdict(store, &spec.name, c.version).await {
+        Some(v) => format!(
+            "v{} {}% rolled back by {} ({:.1}% vs {:.1}% errors)",
+            c.version,
+            c.percent,
+            v.node,
+            v.canary_error_rate * 100.0,
+            v.stable_error_rate * 100.0
+        ),
+        None => format!("v{} {}%", c.version, c.percent),
+    }
+}
+
+async fn ls(bus: &Bus, registry: &Registry, json: bool) -> anyhow::Result<()> {
     let specs = registry.list().await?;
+    let store = verdict_store(bus).await;
     if json {
-        let rows: Vec<_> = specs
-            .iter()
-            .filter_map(|s| {
-                let v = s.active_version().ok()?;
-                Some(
-                    json!({ "name": s.name, "version": v.version, "digest": v.digest,
-                             "trigger": v.trigger.to_string(), "deployed_at": v.deployed_at,
-                             "versions": s.versions.len() }),
-                )
-            })
-            .collect();
+        let mut rows = Vec::new();
+        for s in &specs {
+            let Ok(v) = s.active_version() else { continue };
+            rows.push(
+                json!({ "name": s.name, "version": v.version, "digest": v.digest,
+                        "trigger": v.trigger.to_string(), "deployed_at": v.deployed_at,
+                        "versions": s.versions.len(),
+                        "canary": canary_json(store.as_ref(), s).await }),
+            );
+        }
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
     println!(
-        "{:<24} {:>7} {:<14} {:<48} DEPLOYED",
-        "NAME", "VERSION", "DIGEST", "TRIGGER"
+        "{:<24} {:>7} {:<14} {:<48} {:<26} CANARY",
+        "NAME", "VERSION", "DIGEST", "TRIGGER", "DEPLOYED"
     );
     for s in &specs {
         if let Ok(v) = s.active_version() {
             println!(
-                "{:<24} {:>7} {:<14} {:<48} {}",
+                "{:<24} {:>7} {:<14} {:<48} {:<26} {}",
                 s.name,
                 format!("v{}", v.version),
                 &v.digest[..12],
                 v.trigger.to_string(),
-                v.deployed_at
+                v.deployed_at,
+                canary_text(store.as_ref(), s).await
             );
         }
     }
     Ok(())
 }
 
-async fn describe(registry: &Registry, name: &str, json: bool) -> anyhow::Result<()> {
+async fn describe(bus: &Bus, registry: &Registry, name: &str, json: bool) -> anyhow::Result<()> {
     let (spec, revision) =
         registry
             .get(name)
@@ -543,6 +751,7 @@ async fn describe(registry: &Registry, name: &str, json: bool) -> anyhow::Result
     if json {
         let mut value = serde_json::to_value(&spec)?;
         value["revision"] = revision.into();
+        value["canary"] = canary_json(verdict_store(bus).await.as_ref(), &spec).await;
         println!("{value}");
         return Ok(());
     }
@@ -550,6 +759,12 @@ async fn describe(registry: &Registry, name: &str, json: bool) -> anyhow::Result
         "{} (active v{}, registry revision {revision})",
         spec.name, spec.active
     );
+    if spec.canary.is_some() {
+        println!(
+            "canary {}",
+            canary_text(verdict_store(bus).await.as_ref(), &spec).await
+        );
+    }
     for v in spec.versions.iter().rev() {
         let marker = if v.version == spec.active { "*" } else { " " };
         println!(
@@ -682,11 +897,13 @@ async fn rollback(
     to: Option<u32>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let mut dropped = None;
     let spec = registry
         .update(name, |current| {
             let mut spec = current.ok_or_else(|| registry::RegistryError::UnknownFunction {
                 name: name.to_owned(),
             })?;
+            dropped = spec.canary.as_ref().map(|c| c.version);
             spec.rollback(to)?;
             Ok(spec)
         })
@@ -695,12 +912,20 @@ async fn rollback(
     let name_token = token(name)?;
     ensure_consumer(bus, &name_token, &version.trigger, &version.limits).await?;
     let serving = wait_for_version(bus, name, spec.active, Duration::from_secs(10)).await;
+    if let Some(canary) = dropped {
+        clear_verdict(bus, name, canary).await;
+        wait_until_no_canary(bus, name, canary, Duration::from_secs(10)).await;
+    }
     if json {
         println!(
             "{}",
-            json!({ "name": name, "version": spec.active, "nodes": serving })
+            json!({ "name": name, "version": spec.active, "dropped_canary": dropped,
+                    "nodes": serving })
         );
     } else {
+        if let Some(canary) = dropped {
+            println!("{name}: canary v{canary} dropped");
+        }
         println!(
             "{name} now serves v{} (sha256:{})",
             spec.active,
@@ -708,6 +933,99 @@ async fn rollback(
         );
     }
     Ok(())
+}
+
+async fn promote(bus: &Bus, registry: &Registry, name: &str, json: bool) -> anyhow::Result<()> {
+    let spec = registry
+        .update(name, |current| {
+            let mut spec = current.ok_or_else(|| registry::RegistryError::UnknownFunction {
+                name: name.to_owned(),
+            })?;
+            spec.promote()?;
+            Ok(spec)
+        })
+        .await?;
+    let version = spec.active_version()?;
+    // The consumer now follows the promoted version's limits.
+    ensure_consumer(bus, &token(name)?, &version.trigger, &version.limits).await?;
+    clear_verdict(bus, name, spec.active).await;
+    let serving = wait_for_version(bus, name, spec.active, Duration::from_secs(10)).await;
+    if json {
+        println!(
+            "{}",
+            json!({ "name": name, "version": spec.active, "nodes": serving })
+        );
+    } else {
+        println!(
+            "{name}: canary v{} promoted, it now serves all traffic (sha256:{})",
+            spec.active,
+            &version.digest[..12]
+        );
+    }
+    Ok(())
+}
+
+/// The canary verdicts bucket, when the bootstrap created it.
+async fn verdict_store(bus: &Bus) -> Option<kv::Store> {
+    bus.jetstream()
+        .get_key_value(patchbay_host::canary::VERDICTS_BUCKET)
+        .await
+        .ok()
+}
+
+/// The auto-rollback verdict on `version` of `name`, if any.
+async fn verdict(store: Option<&kv::Store>, name: &str, version: u32) -> Option<Verdict> {
+    let entry = store?
+        .get(patchbay_host::canary::verdict_key(name, version))
+        .await
+        .ok()??;
+    serde_json::from_slice(&entry).ok()
+}
+
+/// Forget the verdict on `version` of `name` (its canary ended).
+async fn clear_verdict(bus: &Bus, name: &str, version: u32) {
+    if let Some(store) = verdict_store(bus).await {
+        let _ = store
+            .purge(patchbay_host::canary::verdict_key(name, version))
+            .await;
+    }
+}
+
+/// Ask every node until none routes to canary `version` of `name` any more.
+async fn wait_until_no_canary(bus: &Bus, name: &str, version: u32, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let statuses = node_statuses(bus, Duration::from_millis(300)).await;
+        if !statuses
+            .iter()
+            .flat_map(|s| &s.functions)
+            .any(|f| f.name == name && f.canary == Some(version))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ask every node until one routes to canary `version` of `name`; the nodes that do.
+async fn wait_for_canary(bus: &Bus, name: &str, version: u32, wait: Duration) -> Vec<String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let serving: Vec<String> = node_statuses(bus, Duration::from_millis(300))
+            .await
+            .into_iter()
+            .filter(|s| {
+                s.functions
+                    .iter()
+                    .any(|f| f.name == name && f.canary == Some(version))
+            })
+            .map(|s| s.node)
+            .collect();
+        if !serving.is_empty() || Instant::now() >= deadline {
+            return serving;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn rm(bus: &Bus, registry: &Registry, name: &str, purge: bool) -> anyhow::Result<()> {
@@ -731,6 +1049,7 @@ async fn rm(bus: &Bus, registry: &Registry, name: &str, purge: bool) -> anyhow::
             }
         }
     }
+    crate::ordering::remove(bus, &name).await?;
     if purge {
         let bucket = registry::function_bucket(&name);
         js.delete_key_value(&bucket)

@@ -12,7 +12,8 @@
 //! * [`local`] — the local stack (certificates, config, nats-server process, bootstrap)
 //!   shared by `patchbay up` and the integration-test harness;
 //! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
-//! * [`function`] — the `patchbay fn …` commands; [`token`] — `patchbay token …` (gateway
+//! * [`function`] — the `patchbay fn …` commands ([`ordering`]: the partitioned copy and
+//!   partition consumers behind `fn deploy --ordered`); [`token`] — `patchbay token …` (gateway
 //!   API tokens); [`up`] — `patchbay up`; [`bench`], [`bench_gateway`] — `patchbay bench`;
 //!   [`status`] — `patchbay status` (components by NATS micro discovery, functions);
 //!   [`resilience`] — `patchbay resilience apply|show` (policies per target).
@@ -22,6 +23,7 @@
 
 pub mod access;
 pub mod bench;
+pub mod bench_breaker;
 pub mod bench_gateway;
 pub mod certs;
 pub mod connection;
@@ -29,6 +31,7 @@ pub mod envfile;
 pub mod function;
 pub mod local;
 pub mod natsconf;
+pub mod ordering;
 pub mod resilience;
 pub mod status;
 pub mod streams;

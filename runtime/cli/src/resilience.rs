@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::TryStreamExt as _;
 use patchbay_bus::Bus;
 use patchbay_bus::resilience::{
-    RESILIENCE_BUCKET, ResiliencePolicy, StoredTarget, Target, TargetPolicy,
+    PolicyOrigin, RESILIENCE_BUCKET, ResiliencePolicy, StoredTarget, Target, TargetPolicy,
 };
 
 /// `patchbay resilience` subcommands.
@@ -183,6 +183,7 @@ pub async fn apply(
         let stored = StoredTarget {
             target: target.clone(),
             policy: target_policy.clone(),
+            origin: PolicyOrigin::File,
         };
         let revision = match (current.get(&key), undecodable.get(&key)) {
             (Some((old, _)), _) if old == &stored => {
@@ -214,8 +215,10 @@ pub async fn apply(
         }
     }
     let wanted: Vec<String> = policy.targets.keys().map(Target::key).collect();
+    // Policies a function's deploy flags wrote are not the file's to remove.
     let stale = current
         .iter()
+        .filter(|(_, (s, _))| s.origin == PolicyOrigin::File)
         .map(|(k, (s, r))| (k, s.target.to_string(), *r))
         .chain(undecodable.iter().map(|(k, r)| (k, k.clone(), *r)))
         .filter(|(k, _, _)| !wanted.contains(k));
@@ -232,6 +235,33 @@ pub async fn apply(
         }
     }
     Ok(changes)
+}
+
+/// Store the policy `patchbay fn deploy --resilience` gives function `name` (or remove
+/// it when `fields` is empty), replacing whatever policy that function had.
+pub async fn put_deployed(bus: &Bus, name: &str, fields: &str) -> anyhow::Result<Change> {
+    let target = Target::Function(name.to_owned());
+    let store = open(bus).await?;
+    let key = target.key();
+    if fields.trim().is_empty() {
+        store
+            .delete(key.as_str())
+            .await
+            .with_context(|| format!("failed to remove the policy of {target}"))?;
+        return Ok(change(ChangeKind::Removed, &target));
+    }
+    let policy = TargetPolicy::from_inline(&target, fields)
+        .with_context(|| format!("--resilience for {target}"))?;
+    let stored = StoredTarget {
+        target: target.clone(),
+        policy,
+        origin: PolicyOrigin::Deploy,
+    };
+    store
+        .put(key.as_str(), Bytes::from(serde_json::to_vec(&stored)?))
+        .await
+        .with_context(|| format!("failed to store the policy of {target}"))?;
+    Ok(change(ChangeKind::Updated, &target))
 }
 
 fn change(kind: ChangeKind, target: &Target) -> Change {

@@ -1138,7 +1138,8 @@ max_deliver = 5
                 "patchbay-functions",
                 "patchbay-tokens",
                 "patchbay-resilience",
-                "cc-agents"
+                "cc-agents",
+                "patchbay-canary-verdicts"
             ]
         );
         let functions = &decl.key_values[0];

@@ -317,20 +317,12 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
             continue;
         }
         let deploy = DeployArgs {
-            file,
-            name: (*name).to_owned(),
-            trigger: (*trigger).to_owned(),
             publish: publish.iter().map(|s| (*s).to_owned()).collect(),
             config: config
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            max_deliver: 5,
-            timeout: Duration::from_secs(1),
-            memory_mib: 64,
-            concurrency: 64,
-            wait: Duration::from_secs(30),
-            json: false,
+            ..DeployArgs::new(file, *name, *trigger)
         };
         crate::function::run(FnCommand::Deploy(deploy), admin.clone())
             .await

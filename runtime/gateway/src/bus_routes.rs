@@ -13,8 +13,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use http::{HeaderMap, StatusCode};
-use patchbay_bus::client::{PublishError, RequestErrorKind, RequestOptions};
+use patchbay_bus::client::{PublishError, RequestError, RequestErrorKind};
 use patchbay_bus::event::STRUCTURED_CONTENT_TYPE;
+use patchbay_bus::resilience::{AttemptError, AttemptFailed, CallError, FailureKind, Target};
 use patchbay_bus::{CloudEvent, Deadline, EventError, Token};
 use patchbay_host::reply::{ErrorKind, FailureReply, InvokeReply, OUTCOME_HEADER};
 use serde::Serialize;
@@ -99,11 +100,7 @@ pub async fn publish_event(
     let stream = state.streams.stream_for(&state.bus, &full).await;
     let published = match stream {
         Some(stream) => {
-            let ack = state
-                .bus
-                .publish_durable(&full, &event, Some(deadline))
-                .await
-                .map_err(publish_problem)?;
+            let ack = publish_durable(&state, &subject, &full, &event, deadline).await?;
             let answer = Published {
                 id: event.id,
                 subject,
@@ -234,27 +231,93 @@ async fn forward(
     let deadline = deadline(state, headers)?;
     let data = read_body(body, headers, state.config.max_body_bytes).await?;
     let event = request_event(state, headers, data)?;
-    let options = RequestOptions::timeout(state.config.max_timeout).deadline(Some(deadline));
-    let reply = state
+    let result = state
         .bus
-        .request(subject, &event, options)
-        .await
-        .map_err(|e| match e.kind {
-            RequestErrorKind::NoResponders => {
-                Problem::service_unavailable(format!("nothing is serving {subject}"))
-            }
-            RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
-                Problem::gateway_timeout(format!("no reply from {subject} before the deadline"))
-            }
-            RequestErrorKind::TooLarge => {
-                Problem::payload_too_large(state.bus.max_payload() as u64)
-            }
-            RequestErrorKind::Other => {
-                tracing::warn!(error = %e, "request failed");
-                Problem::internal()
-            }
-        })?;
+        .request_resilient(
+            &state.resilience,
+            subject,
+            &event,
+            state.config.max_timeout,
+            Some(deadline),
+        )
+        .await;
+    let reply = match result {
+        Ok(reply) => reply,
+        Err(CallError::Rejected(rejected)) => {
+            let target = state.bus.request_target(subject).to_string();
+            return Err(Problem::refused_by_policy(rejected, &target));
+        }
+        // The last attempt was answered with an error: map that answer as always.
+        Err(CallError::Failed {
+            error: AttemptError::Answered { reply, .. },
+            ..
+        }) => *reply,
+        Err(CallError::Failed {
+            error: AttemptError::Request(e),
+            ..
+        }) => return Err(request_problem(state, subject, &e)),
+    };
     Ok(reply_response(reply))
+}
+
+/// Store `event` under the resilience policy of `subject`: each attempt waits for the
+/// stream's acknowledgement within the attempt's timeout, and a retry is safe because the
+/// stream de-duplicates by event id.
+async fn publish_durable(
+    state: &Shared,
+    subject: &str,
+    full: &str,
+    event: &CloudEvent,
+    deadline: Deadline,
+) -> Result<async_nats::jetstream::publish::PublishAck, Problem> {
+    let target = Target::Subject(subject.to_owned());
+    let attempt = |timeout| async move {
+        let publish = state.bus.publish_durable(full, event, Some(deadline));
+        match tokio::time::timeout(timeout, publish).await {
+            Ok(Ok(ack)) => Ok(ack),
+            Ok(Err(e)) => Err(AttemptFailed {
+                kind: match e {
+                    PublishError::NoStream { .. } => FailureKind::NoResponders,
+                    // The server did not acknowledge (timeout, lost connection).
+                    PublishError::Nats { .. } => FailureKind::Timeout,
+                    _ => FailureKind::Error,
+                },
+                error: Some(e),
+            }),
+            Err(_) => Err(AttemptFailed {
+                kind: FailureKind::Timeout,
+                error: None,
+            }),
+        }
+    };
+    let result = state
+        .resilience
+        .call(&target, Some(deadline), state.config.max_timeout, attempt)
+        .await;
+    result.map_err(|e| match e {
+        CallError::Rejected(rejected) => Problem::refused_by_policy(rejected, &target.to_string()),
+        CallError::Failed { error: Some(e), .. } => publish_problem(e),
+        CallError::Failed { error: None, .. } => {
+            Problem::gateway_timeout(format!("the stream did not acknowledge {subject} in time"))
+        }
+    })
+}
+
+/// What a failed bus request means to the HTTP caller.
+fn request_problem(state: &Shared, subject: &str, e: &RequestError) -> Problem {
+    match e.kind {
+        RequestErrorKind::NoResponders => {
+            Problem::service_unavailable(format!("nothing is serving {subject}"))
+        }
+        RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
+            Problem::gateway_timeout(format!("no reply from {subject} before the deadline"))
+        }
+        RequestErrorKind::TooLarge => Problem::payload_too_large(state.bus.max_payload() as u64),
+        RequestErrorKind::Other => {
+            tracing::warn!(error = %e, "request failed");
+            Problem::internal()
+        }
+    }
 }
 
 /// A runtime node's reply (it carries `patchbay-outcome`) maps by outcome; any other

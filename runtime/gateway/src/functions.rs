@@ -22,6 +22,8 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use http_body_util::{BodyExt as _, Limited};
+use patchbay_bus::Deadline;
+use patchbay_bus::resilience::{FailureKind, Target};
 use patchbay_host::registry::{FunctionSpec, HTTP_ROUTE_WILDCARD, Registry, Trigger};
 use patchbay_host::{Engine, HttpCode, HttpInvokeError, Limits};
 use patchbay_telemetry::ReadyFlag;
@@ -270,8 +272,11 @@ fn authorize(caller: Result<Caller, Problem>, function: &Mounted) -> Result<(), 
 }
 
 async fn call(state: &Shared, function: &Mounted, request: Request) -> Response {
-    let deadline = match crate::bus_routes::timeout(state, request.headers()) {
-        Ok(timeout) => Instant::now() + timeout,
+    let (deadline, bus_deadline) = match crate::bus_routes::timeout(state, request.headers()) {
+        Ok(timeout) => (
+            Instant::now() + timeout,
+            Deadline::after(state.bus.clock(), timeout),
+        ),
         Err(problem) => return problem.into_response(),
     };
     let limit = state.config.max_function_body_bytes;
@@ -297,17 +302,39 @@ async fn call(state: &Shared, function: &Mounted, request: Request) -> Response 
     } else {
         Scheme::Http
     };
-    match function
-        .code
-        .handle(
-            &state.engine,
-            request,
-            scheme,
-            &function.limits,
-            Some(deadline),
-        )
+    let target = Target::Route(function.route.clone());
+    // One attempt (the body streams, so it cannot be replayed) under the route's breaker,
+    // concurrency limit and deadline; a 5xx or a failed invocation counts as a failure.
+    let run = async {
+        let result = function
+            .code
+            .handle(
+                &state.engine,
+                request,
+                scheme,
+                &function.limits,
+                Some(deadline),
+            )
+            .await;
+        let failed = match &result {
+            Ok(response) if response.status().is_server_error() => Some(FailureKind::Error),
+            Ok(_) => None,
+            Err(HttpInvokeError::Timeout { .. }) => Some(FailureKind::Timeout),
+            Err(_) => Some(FailureKind::Error),
+        };
+        (result, failed)
+    };
+    let result = match state
+        .resilience
+        .once(&target, Some(bus_deadline), run)
         .await
     {
+        Ok(result) => result,
+        Err(rejected) => {
+            return Problem::refused_by_policy(rejected, &target.to_string()).into_response();
+        }
+    };
+    match result {
         Ok(response) => response.map(Body::new),
         Err(e) => {
             tracing::warn!(function = %function.name, version = function.version, error = %e, "HTTP function failed");

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
+use patchbay_bus::resilience::Rejected;
 use serde::{Deserialize, Serialize};
 
 /// The media type of a problem body.
@@ -147,6 +148,39 @@ impl Problem {
             "Service unavailable",
         )
         .with_detail(detail)
+    }
+
+    /// 503 for a refusal by a resilience policy: the target's circuit breaker is open or
+    /// its concurrency limit shed the request; `Retry-After` says when to come back.
+    #[must_use]
+    pub fn refused_by_policy(rejected: Rejected, target: &str) -> Self {
+        match rejected {
+            Rejected::Open { retry_after } => {
+                let mut problem = Self::typed(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "circuit-open",
+                    "Circuit open",
+                )
+                .with_detail(format!(
+                    "{target} has been failing; calls are paused for {} s",
+                    retry_after_secs(retry_after)
+                ));
+                problem.retry_after = Some(retry_after);
+                problem
+            }
+            Rejected::Full { limit } => {
+                let mut problem =
+                    Self::typed(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded")
+                        .with_detail(format!(
+                            "{target} has {limit} calls in flight from this gateway; retry shortly"
+                        ));
+                problem.retry_after = Some(Duration::from_secs(1));
+                problem
+            }
+            Rejected::DeadlinePassed => {
+                Self::gateway_timeout(format!("the deadline passed before {target} was called"))
+            }
+        }
     }
 
     /// 504: the bus or a function did not answer in time.

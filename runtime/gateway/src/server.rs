@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use patchbay_bus::Bus;
+use patchbay_bus::resilience::Resilience;
 use patchbay_host::Engine;
 use patchbay_host::registry::Registry;
 use patchbay_telemetry::{Metrics, ReadyFlag};
@@ -60,6 +61,8 @@ pub struct AppState {
     pub(crate) streams: StreamIndex,
     pub(crate) functions: HttpFunctions,
     pub(crate) engine: Engine,
+    /// Resilience policies of requests, invocations and HTTP function routes.
+    pub(crate) resilience: Resilience,
 }
 
 /// What handlers receive.
@@ -172,7 +175,11 @@ pub async fn run(
         config.burst,
     )
     .map_err(|e| setup("rate limit")(&e))?;
+    let resilience = Resilience::start(&bus, metrics)
+        .await
+        .map_err(|e| setup("resilience metrics")(&e))?;
     let state = Arc::new(AppState {
+        resilience,
         metrics: GatewayMetrics::new(metrics).map_err(|e| setup("metrics")(&e))?,
         bus,
         tokens,

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use patchbay_bus::{CloudEvent, Deadline, RequestErrorKind, RequestOptions, Subjects};
+use patchbay_bus::resilience::{AttemptError, CallError, Rejected};
+use patchbay_bus::{CloudEvent, Deadline, RequestErrorKind, Subjects};
 use serde::{Deserialize, Serialize};
 
 use crate::capabilities::HostCapabilities;
@@ -240,20 +241,47 @@ impl HostCapabilities for NatsCapabilities {
     fn request(&self, event: Event, timeout: Duration) -> BoxFuture<'_, Result<Event, BusError>> {
         Box::pin(async move {
             let (subject, event) = self.event(event);
-            let options = RequestOptions::timeout(timeout).deadline(self.deadline);
-            let reply = self
+            // Under the target's resilience policy (timeout, retries, breaker), if any.
+            let result = self
                 .node
                 .bus
-                .request(&subject, &event, options)
-                .await
-                .map_err(|e| match e.kind {
-                    RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
-                        BusError::Timeout
-                    }
-                    RequestErrorKind::NoResponders => BusError::NoResponders,
-                    RequestErrorKind::TooLarge => BusError::TooLarge(event.data.len() as u64),
-                    RequestErrorKind::Other => BusError::Other(e.reason),
-                })?;
+                .request_resilient(
+                    &self.node.resilience,
+                    &subject,
+                    &event,
+                    timeout,
+                    self.deadline,
+                )
+                .await;
+            let reply = match result {
+                Ok(reply) => reply,
+                // The last attempt's error answer is the function's to read.
+                Err(CallError::Failed {
+                    error: AttemptError::Answered { reply, .. },
+                    ..
+                }) => *reply,
+                Err(CallError::Failed {
+                    error: AttemptError::Request(e),
+                    ..
+                }) => {
+                    return Err(match e.kind {
+                        RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
+                            BusError::Timeout
+                        }
+                        RequestErrorKind::NoResponders => BusError::NoResponders,
+                        RequestErrorKind::TooLarge => BusError::TooLarge(event.data.len() as u64),
+                        RequestErrorKind::Other => BusError::Other(e.reason),
+                    });
+                }
+                Err(CallError::Rejected(Rejected::DeadlinePassed)) => {
+                    return Err(BusError::Timeout);
+                }
+                Err(CallError::Rejected(rejected)) => {
+                    return Err(BusError::Other(format!(
+                        "not sent to {subject}: {rejected}"
+                    )));
+                }
+            };
             // A CloudEvent reply is passed on as such; anything else becomes the data of a
             // reply event, so a function can call plain NATS services too.
             let reply_subject = reply.subject.to_string();

@@ -11,13 +11,16 @@
 //! NATS-backed capabilities around it:
 //!
 //! * [`registry`] — function specs (KV, revision CAS) and artifacts (object store);
+//! * [`ordering`] — per-key ordered `stream` triggers: partitions, names, transform;
 //! * [`node`] — a runtime node: registry watch, hot swap, drain, the `run` entry point;
 //! * [`triggers`] — subject, stream, schedule and invoke triggers (one shape);
 //! * [`dispatch`] — the one invocation path and the NATS-backed imports;
 //! * [`reply`], [`dlq`] — what callers and the dead-letter stream receive;
 //! * [`discovery`] — the node's `$SRV` (NATS micro) answers: one endpoint per function;
+//! * [`canary`] — sticky canary routing and the node-side automatic rollback;
 //! * [`schedule`] — cron parsing; [`metrics`] — the host's Prometheus metrics.
 
+pub mod canary;
 pub mod capabilities;
 /// Dead-letter records (defined on the wire crate, shared with services and the CLI).
 pub use patchbay_bus::dlq;
@@ -29,6 +32,7 @@ pub mod engine;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod ordering;
 pub mod registry;
 pub mod schedule;
 pub(crate) mod triggers;

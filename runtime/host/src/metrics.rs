@@ -29,6 +29,10 @@ pub struct HostMetrics {
     pub dead_letters: IntCounterVec,
     /// `patchbay_fn_loaded{function,version}`: 1 for the version this node serves.
     pub loaded: GaugeVec,
+    /// `patchbay_fn_canary_percent{function,version}`: the share of interactions this node
+    /// routes to a canary version; 0 once an auto-rollback verdict stopped it, absent when
+    /// no canary runs.
+    pub canary_percent: GaugeVec,
     /// `patchbay_fn_consumer_pending{function,stream}`: messages of a `stream`/`schedule`
     /// trigger's durable consumer not yet delivered (the consumer lag), sampled every 5 s.
     pub consumer_pending: GaugeVec,
@@ -78,6 +82,11 @@ impl HostMetrics {
             loaded: metrics.gauge_vec(
                 "patchbay_fn_loaded",
                 "1 for the function version this node serves.",
+                &["function", "version"],
+            )?,
+            canary_percent: metrics.gauge_vec(
+                "patchbay_fn_canary_percent",
+                "Share of interactions (percent) routed to a canary version; 0 after an auto rollback.",
                 &["function", "version"],
             )?,
             consumer_pending: metrics.gauge_vec(

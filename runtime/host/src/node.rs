@@ -5,7 +5,8 @@
 //! message picks the version when it is dispatched and holds it until done, so a deploy
 //! or rollback replaces the entry without a restart, in-flight invocations of the old
 //! version finish on it (drain), and no message is handled by both. A trigger's
-//! subscription is replaced only when the trigger itself changes.
+//! subscription is replaced only when the trigger itself changes. While a canary runs the
+//! node serves its version too, and the trigger picks per message (see [`crate::canary`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -130,6 +131,8 @@ pub(crate) struct Node {
     pub engine: Engine,
     pub registry: Registry,
     pub metrics: HostMetrics,
+    /// Resilience policies of the functions' own requests (`request` import).
+    pub resilience: patchbay_bus::resilience::Resilience,
     /// In-flight work, waited for at shutdown.
     pub tasks: TaskTracker,
     /// Cancelled at shutdown: every trigger stops taking new work.
@@ -138,9 +141,15 @@ pub(crate) struct Node {
     code_cache: Mutex<HashMap<String, FunctionCode>>,
     buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
     triggers: Mutex<HashMap<String, RunningTrigger>>,
+    /// Canary versions served beside the active ones (see [`crate::canary`]).
+    pub(crate) canaries: crate::canary::Canaries,
 }
 
-/// Run a node until `shutdown` resolves, then drain.
+/// Run a node until `shutdown` resolves, then drain: every trigger stops taking new work
+/// at once (core subscriptions unsubscribe so queue-group peers get the next requests, and
+/// stream triggers nak what they pulled but did not start), in-flight invocations finish
+/// and ack within `drain_timeout`, and what is still running then is abandoned unacked
+/// (redelivered; its outputs are de-duplicated by `Nats-Msg-Id`).
 pub async fn run(
     config: NodeConfig,
     metrics: &Metrics,
@@ -151,28 +160,33 @@ pub async fn run(
     let engine =
         Engine::new(config.engine.clone()).map_err(|e| NodeError::Engine(e.to_string()))?;
     let registry = Registry::open(&bus.jetstream()).await?;
+    let resilience = patchbay_bus::resilience::Resilience::start(&bus, metrics).await?;
     let node = Arc::new(Node {
         name: config.node.clone(),
         bus,
         engine,
         registry,
         metrics: HostMetrics::register(metrics)?,
+        resilience,
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
         functions: RwLock::default(),
         code_cache: Mutex::default(),
         buckets: tokio::sync::Mutex::default(),
         triggers: Mutex::default(),
+        canaries: crate::canary::Canaries::default(),
     });
 
+    node.load_verdicts().await;
     for spec in node.registry.list().await? {
         node.apply(spec).await;
     }
-    let invoke = tokio::spawn(triggers::invoke::run(Arc::clone(&node)));
+    let invoke = node.tasks.spawn(triggers::invoke::run(Arc::clone(&node)));
     let status = tokio::spawn(triggers::status::run(Arc::clone(&node)));
     let instances = tokio::spawn(sample_instances(Arc::clone(&node)));
     let discovery = crate::discovery::register(&node).await;
     let watcher = tokio::spawn(Arc::clone(&node).watch_registry());
+    let verdicts = tokio::spawn(Arc::clone(&node).watch_verdicts());
     ready.set_ready(true);
     tracing::info!(node = %node.name, "runtime node ready");
 
@@ -191,12 +205,16 @@ pub async fn run(
     {
         tracing::warn!(
             remaining = node.tasks.len(),
-            "drain timeout: abandoning in-flight invocations (stream messages will be redelivered)"
+            timeout = ?config.drain_timeout,
+            "drain timeout: abandoning in-flight invocations unacked (stream messages will be redelivered; outputs already stored are de-duplicated by Nats-Msg-Id)"
         );
+    } else {
+        tracing::info!("drained: every in-flight invocation finished");
     }
     invoke.abort();
     status.abort();
     instances.abort();
+    verdicts.abort();
     if let Some(discovery) = discovery {
         discovery.stop().await;
     }
@@ -272,8 +290,14 @@ impl Node {
         Ok(())
     }
 
-    /// Serve the active version of `spec` (a no-op when already served).
+    /// Serve the active version of `spec` (a no-op when already served), and its canary.
     async fn apply(self: &Arc<Self>, spec: FunctionSpec) {
+        self.apply_active(&spec).await;
+        self.apply_canary(&spec).await;
+    }
+
+    /// Serve the active version of `spec` (a no-op when already served).
+    async fn apply_active(self: &Arc<Self>, spec: &FunctionSpec) {
         let span = tracing::info_span!("apply", function = %spec.name, version = spec.active);
         async {
             let name = match Token::new(spec.name.clone()) {
@@ -293,31 +317,9 @@ impl Node {
             if current.as_ref().is_some_and(|c| c.spec == version) {
                 return;
             }
-            let code = match self.load(&version.digest).await {
-                Ok(code) => code,
-                Err(e) => {
-                    return tracing::error!(error = %e, "cannot load function version; keeping the previous one");
-                }
+            let Some(deployed) = self.deploy_version(&name, &version).await else {
+                return;
             };
-            let allow = match crate::capabilities::PublishAllowList::new(&version.publish) {
-                Ok(allow) => allow,
-                Err(e) => return tracing::error!(error = %e, "ignoring function version with an invalid allow-list"),
-            };
-            let limits = crate::limits::Limits {
-                timeout: version.limits.timeout(),
-                max_memory_bytes: usize::try_from(version.limits.memory_bytes).unwrap_or(usize::MAX),
-                ..crate::limits::Limits::default()
-            };
-            let deployed = Arc::new(Deployed {
-                metrics: crate::metrics::VersionMetrics::new(&self.metrics, name.as_str(), version.version),
-                name: name.clone(),
-                limiter: Arc::new(Semaphore::new(version.limits.max_concurrency.max(1) as usize)),
-                limits,
-                config: Arc::new(version.config.clone()),
-                allow,
-                spec: version,
-                code,
-            });
             self.functions
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -339,7 +341,51 @@ impl Node {
         .await;
     }
 
+    /// Load `version` of `name` for serving; `None` (logged) when it cannot be.
+    pub(crate) async fn deploy_version(
+        &self,
+        name: &Token,
+        version: &VersionSpec,
+    ) -> Option<Arc<Deployed>> {
+        let code = match self.load(&version.digest).await {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::error!(version = version.version, error = %e, "cannot load function version; keeping the previous one");
+                return None;
+            }
+        };
+        let allow = match crate::capabilities::PublishAllowList::new(&version.publish) {
+            Ok(allow) => allow,
+            Err(e) => {
+                tracing::error!(version = version.version, error = %e, "ignoring function version with an invalid allow-list");
+                return None;
+            }
+        };
+        let limits = crate::limits::Limits {
+            timeout: version.limits.timeout(),
+            max_memory_bytes: usize::try_from(version.limits.memory_bytes).unwrap_or(usize::MAX),
+            ..crate::limits::Limits::default()
+        };
+        Some(Arc::new(Deployed {
+            metrics: crate::metrics::VersionMetrics::new(
+                &self.metrics,
+                name.as_str(),
+                version.version,
+            ),
+            name: name.clone(),
+            limiter: Arc::new(Semaphore::new(
+                version.limits.max_concurrency.max(1) as usize
+            )),
+            limits,
+            config: Arc::new(version.config.clone()),
+            allow,
+            spec: version.clone(),
+            code,
+        }))
+    }
+
     fn remove(&self, name: &str) {
+        self.clear_canary(name);
         let removed = self
             .functions
             .write()
@@ -470,6 +516,7 @@ impl Node {
             .invocations
             .with_label_values(&[f.name.as_str(), &version, trigger, outcome.label()])
             .inc();
+        self.observe_canary(f, &outcome);
         outcome
     }
 }

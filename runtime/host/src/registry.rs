@@ -75,6 +75,25 @@ pub enum RegistryError {
         /// Its active version.
         version: u32,
     },
+    /// A canary must keep the stable version's trigger.
+    #[error(
+        "function {name:?}: a canary must keep the stable version's trigger ({stable}), not \
+         {canary}: two triggers cannot split one stream of events"
+    )]
+    CanaryTrigger {
+        /// The function.
+        name: String,
+        /// The active version's trigger.
+        stable: String,
+        /// The canary's trigger.
+        canary: String,
+    },
+    /// `promote` without a canary.
+    #[error("function {name:?} has no canary to promote")]
+    NoCanary {
+        /// The function.
+        name: String,
+    },
     /// Someone else changed the spec between our read and write.
     #[error("function {name:?} changed concurrently; retry")]
     Conflict {
@@ -137,6 +156,11 @@ pub enum Trigger {
         stream: String,
         /// Filter subject, without the installation prefix.
         subject: String,
+        /// Per-key ordering (`--ordered`): events with the same first `*` token of the
+        /// subject are handled one at a time, in order (see [`crate::ordering`]).
+        /// (`default`: specs stored before ordering existed decode unchanged.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ordered: Option<crate::ordering::Ordered>,
     },
     /// Cron schedule (with seconds), one run per tick across all nodes.
     Schedule {
@@ -178,6 +202,7 @@ impl Trigger {
                 Self::Stream {
                     stream: stream.to_owned(),
                     subject: subject.to_owned(),
+                    ordered: None,
                 }
             }
             "schedule" => Self::Schedule {
@@ -215,6 +240,11 @@ impl Trigger {
             {
                 invalid(format!("{stream:?} is not a valid stream name"))
             }
+            Self::Stream {
+                subject,
+                ordered: Some(ordered),
+                ..
+            } => ordered.validate(subject).map_err(RegistryError::Invalid),
             Self::Schedule { cron } => crate::schedule::Schedule::parse(cron)
                 .map(|_| ())
                 .map_err(|e| RegistryError::Invalid(e.to_string())),
@@ -228,7 +258,17 @@ impl fmt::Display for Trigger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Subject { subject } => write!(f, "subject:{subject}"),
-            Self::Stream { stream, subject } => write!(f, "stream:{stream}:{subject}"),
+            Self::Stream {
+                stream,
+                subject,
+                ordered,
+            } => {
+                write!(f, "stream:{stream}:{subject}")?;
+                match ordered {
+                    Some(o) => write!(f, " (ordered by key, {} partitions)", o.partitions),
+                    None => Ok(()),
+                }
+            }
             Self::Schedule { cron } => write!(f, "schedule:{cron}"),
             Self::Invoke => f.write_str("invoke"),
             Self::Http { route } => write!(f, "http:{route}"),
@@ -237,6 +277,26 @@ impl fmt::Display for Trigger {
 }
 
 impl Trigger {
+    /// This `stream` trigger with per-key ordering (`fn deploy --ordered`); refused for
+    /// any other kind of trigger, or when the subject has no `*` token to key on.
+    pub fn with_ordering(self, ordered: crate::ordering::Ordered) -> Result<Self> {
+        let Self::Stream {
+            stream, subject, ..
+        } = self
+        else {
+            return Err(RegistryError::Invalid(format!(
+                "only a stream trigger can be ordered, not {self}"
+            )));
+        };
+        let trigger = Self::Stream {
+            stream,
+            subject,
+            ordered: Some(ordered),
+        };
+        trigger.validate()?;
+        Ok(trigger)
+    }
+
     /// Whether the function behind this trigger is a `wasi:http` component (run by
     /// gateways) rather than an event handler (run by runtime nodes).
     #[must_use]
@@ -340,14 +400,69 @@ pub struct VersionSpec {
 }
 
 /// A function and its versions, as stored under its name in [`FUNCTIONS_BUCKET`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionSpec {
     /// The function name (a subject token).
     pub name: String,
-    /// The version serving traffic.
+    /// The version serving traffic (the stable one while a canary runs).
     pub active: u32,
     /// Every version deployed, oldest first.
     pub versions: Vec<VersionSpec>,
+    /// A version receiving a sticky share of the traffic beside `active`, if any.
+    /// (`default`: specs stored before canaries existed decode unchanged.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+}
+
+/// A canary: `version` gets `percent` % of the interactions (chosen by the stable hash of
+/// their key, see [`crate::canary::choose`]), the active version the rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Canary {
+    /// The canary version (deployed after the active one, same trigger).
+    pub version: u32,
+    /// Its share of interactions, strictly between 0 and 100.
+    pub percent: f64,
+    /// Stop routing to the canary when its error rate exceeds the stable one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rollback: Option<AutoRollback>,
+    /// When the canary started (RFC 3339).
+    pub started_at: String,
+}
+
+/// When runtime nodes give up on a canary by themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AutoRollback {
+    /// Allowed excess of the canary's error rate over the stable one's, as a fraction
+    /// (0.05 = 5 percentage points).
+    pub margin: f64,
+    /// Events the canary must have handled on a node before that node judges it.
+    pub min_events: u64,
+}
+
+impl Canary {
+    /// Check the percentage and the auto-rollback settings.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.percent > 0.0 && self.percent < 100.0) {
+            return Err(RegistryError::Invalid(format!(
+                "canary percent {} must be strictly between 0 and 100",
+                self.percent
+            )));
+        }
+        if let Some(rule) = &self.auto_rollback {
+            if !(rule.margin >= 0.0 && rule.margin < 1.0) {
+                return Err(RegistryError::Invalid(format!(
+                    "auto-rollback margin {} must be a fraction in [0, 1) (0.05 = 5 points)",
+                    rule.margin
+                )));
+            }
+            if rule.min_events == 0 {
+                return Err(RegistryError::Invalid(
+                    "auto-rollback min events must be at least 1".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl FunctionSpec {
@@ -367,17 +482,77 @@ impl FunctionSpec {
             })
     }
 
-    /// Add `version` (numbered after the newest) and make it active.
-    pub fn push(&mut self, mut version: VersionSpec) -> u32 {
-        let next = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        version.version = next;
-        self.versions.push(version);
+    /// Add `version` (numbered after the newest) and make it active. A running canary is
+    /// dropped: the new version takes all the traffic at once.
+    pub fn push(&mut self, version: VersionSpec) -> u32 {
+        let next = self.append(version);
         self.active = next;
+        self.canary = None;
         next
     }
 
-    /// Make `to` active, or the version deployed before the active one.
+    /// Store `version` under the next number without routing anything to it.
+    fn append(&mut self, mut version: VersionSpec) -> u32 {
+        let next = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        version.version = next;
+        self.versions.push(version);
+        next
+    }
+
+    /// Add `version` as a canary beside the active one, replacing any running canary.
+    /// `canary.version` is ignored (the new version's number is returned). Refused when
+    /// there is no active version, when the canary's trigger differs from the active
+    /// version's (one stream of events cannot be split across two triggers), for HTTP
+    /// functions (gateways do not split traffic), or when the settings are invalid.
+    pub fn start_canary(&mut self, version: VersionSpec, canary: Canary) -> Result<u32> {
+        canary.validate()?;
+        let stable = self.active_version().map_err(|_| {
+            RegistryError::Invalid(format!(
+                "function {:?} has no active version to run a canary beside",
+                self.name
+            ))
+        })?;
+        if stable.trigger != version.trigger {
+            return Err(RegistryError::CanaryTrigger {
+                name: self.name.clone(),
+                stable: stable.trigger.to_string(),
+                canary: version.trigger.to_string(),
+            });
+        }
+        if version.trigger.is_http() {
+            return Err(RegistryError::Invalid(format!(
+                "function {:?}: canaries are for event functions; HTTP functions take a \
+                 plain deploy",
+                self.name
+            )));
+        }
+        let next = self.append(version);
+        self.canary = Some(Canary {
+            version: next,
+            ..canary
+        });
+        Ok(next)
+    }
+
+    /// Make the canary the active version and end the canary.
+    pub fn promote(&mut self) -> Result<u32> {
+        let canary = self.canary.take().ok_or_else(|| RegistryError::NoCanary {
+            name: self.name.clone(),
+        })?;
+        self.active = canary.version;
+        Ok(canary.version)
+    }
+
+    /// With a canary running: drop it (all new traffic back to the active version), and
+    /// activate `to` if given. Without: make `to` active, or the version deployed before
+    /// the active one.
     pub fn rollback(&mut self, to: Option<u32>) -> Result<u32> {
+        if self.canary.take().is_some() {
+            if let Some(v) = to {
+                self.active = self.version(v)?.version;
+            }
+            return Ok(self.active);
+        }
         let target = match to {
             Some(v) => self.version(v)?.version,
             None => self
@@ -585,15 +760,14 @@ pub fn decode(name: &str, value: &[u8]) -> Result<FunctionSpec> {
     })
 }
 
+/// A version for unit tests: `trigger`, a digest derived from `tag`, defaults elsewhere.
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn version(trigger: &str) -> VersionSpec {
-        VersionSpec {
+impl VersionSpec {
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn for_test(trigger: &str, tag: &str) -> Self {
+        Self {
             version: 0,
-            digest: digest(b"x"),
+            digest: digest(tag.as_bytes()),
             size: 1,
             deployed_at: "2026-01-01T00:00:00Z".into(),
             trigger: Trigger::parse(trigger).unwrap(),
@@ -602,6 +776,16 @@ mod tests {
             limits: Limits::default(),
             stream_subjects: vec![],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn version(trigger: &str) -> VersionSpec {
+        VersionSpec::for_test(trigger, "x")
     }
 
     #[test]
@@ -642,11 +826,43 @@ mod tests {
     }
 
     #[test]
+    fn ordered_stream_triggers_need_a_key_token_and_old_specs_still_decode() {
+        use crate::ordering::Ordered;
+        let ordered = Trigger::parse("stream:CC_CALLS:cc.v1.calls.*.>")
+            .unwrap()
+            .with_ordering(Ordered { partitions: 8 })
+            .unwrap();
+        assert_eq!(
+            ordered.to_string(),
+            "stream:CC_CALLS:cc.v1.calls.*.> (ordered by key, 8 partitions)"
+        );
+        let json = serde_json::to_string(&ordered).unwrap();
+        assert_eq!(serde_json::from_str::<Trigger>(&json).unwrap(), ordered);
+        // A spec stored before ordering existed has no `ordered` field.
+        let old: Trigger =
+            serde_json::from_str(r#"{"kind":"stream","stream":"S","subject":"a.*"}"#).unwrap();
+        assert_eq!(old, Trigger::parse("stream:S:a.*").unwrap());
+        assert!(!serde_json::to_string(&old).unwrap().contains("ordered"));
+        for (trigger, why) in [
+            ("stream:CC_CALLS:cc.v1.calls.>", "first `*` token"),
+            ("subject:cc.v1.calls.*.>", "only a stream trigger"),
+        ] {
+            let err = Trigger::parse(trigger)
+                .unwrap()
+                .with_ordering(Ordered::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{trigger}: {err}");
+        }
+    }
+
+    #[test]
     fn versions_are_numbered_in_order_and_rollback_steps_back() {
         let mut spec = FunctionSpec {
             name: "f".into(),
             active: 0,
             versions: vec![],
+            canary: None,
         };
         assert_eq!(spec.push(version("invoke")), 1);
         assert_eq!(spec.push(version("invoke")), 2);

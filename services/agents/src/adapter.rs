@@ -73,7 +73,10 @@
 //! gauges every [`AgentsConfig::stats_interval`] and after each batch, and answered on
 //! `cc.v1.queues.stats` (request-reply, a CloudEvent whose data is the JSON array). On
 //! shutdown the task stops pulling, finishes the batch in hand — plus whatever was already
-//! delivered — (publish, snapshot, ack) and returns.
+//! delivered — (publish, snapshot, ack) and returns, all within
+//! [`AgentsConfig::drain_timeout`]; past it the rest stays unacked and is redelivered, as
+//! after a crash. Delivered inputs are applied rather than nak'ed: a redelivery would come
+//! after newer inputs.
 //!
 //! Not here: the decisions (the engine), the stored format (`store`), message decoding
 //! (`input`), creating streams, consumers or the bucket (the admin bootstrap).
@@ -139,6 +142,9 @@ pub struct AgentsConfig {
     pub stats_interval: Duration,
     /// The engine's clock (milliseconds since the epoch).
     pub clock: Arc<dyn Clock>,
+    /// How long shutdown may spend finishing the batch in hand and what was already
+    /// delivered; past it the rest is left unacked (redelivered, outputs de-duplicated).
+    pub drain_timeout: Duration,
 }
 
 impl std::fmt::Debug for AgentsConfig {
@@ -151,13 +157,14 @@ impl std::fmt::Debug for AgentsConfig {
             .field("bucket", &self.bucket)
             .field("max_batch", &self.max_batch)
             .field("stats_interval", &self.stats_interval)
+            .field("drain_timeout", &self.drain_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl AgentsConfig {
     /// Defaults: `CC_CALLS`/`agents`, `CC_AGENT_CMDS`/`agents`, bucket `cc-agents`, batches
-    /// of 256, statistics every second, the system clock.
+    /// of 256, statistics every second, the system clock, a 10 s drain.
     #[must_use]
     pub fn new(bus: BusConfig, engine: EngineConfig) -> Self {
         Self {
@@ -169,6 +176,7 @@ impl AgentsConfig {
             max_batch: 256,
             stats_interval: Duration::from_secs(1),
             clock: Arc::new(SystemClock),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -182,9 +190,10 @@ struct Source {
 type Inputs = Pin<Box<dyn Stream<Item = (usize, Result<Message, String>)> + Send>>;
 
 /// Run the agents service until `shutdown` resolves: then stop pulling, finish the batch
-/// in hand (publish, snapshot, ack) and return. Errors: cannot connect, bind or load the
-/// snapshot; another instance wrote the snapshot (fenced); the snapshot outgrew the
-/// server's max payload.
+/// in hand and what was already delivered (publish, snapshot, ack) within the drain
+/// timeout — past it, leave the rest unacked for redelivery — and return. Errors: cannot
+/// connect, bind or load the snapshot; another instance wrote the snapshot (fenced); the
+/// snapshot outgrew the server's max payload.
 pub async fn run(
     config: AgentsConfig,
     metrics: &Metrics,
@@ -294,25 +303,37 @@ pub async fn run(
     );
 
     let max_batch = config.max_batch.max(1);
+    let drain_timeout = config.drain_timeout;
     let mut refresh = tokio::time::interval(config.stats_interval);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let result: anyhow::Result<()> = async {
-        loop {
+        // `stop` is cancelled only when the drain ends, so a batch retrying its publish or
+        // snapshot keeps trying until then.
+        let drain_until = loop {
             let wait = worker.time_to_next_due();
             tokio::select! {
                 biased;
-                () = &mut shutdown => {
-                    tracing::info!("shutting down: no new inputs are pulled");
-                    stop.cancel();
-                    break;
-                }
+                () = &mut shutdown => break draining(drain_timeout),
                 first = inputs.next() => {
                     let Some(first) = first else {
                         anyhow::bail!("the consumers' message streams ended");
                     };
                     let batch = collect_batch(first, &mut inputs, max_batch);
-                    worker.process(batch).await?;
+                    // SIGTERM with a batch in hand: finish it within the drain timeout.
+                    let work = worker.process(batch);
+                    tokio::pin!(work);
+                    tokio::select! {
+                        biased;
+                        done = &mut work => done?,
+                        () = &mut shutdown => {
+                            let until = draining(drain_timeout);
+                            if !within(until, work).await? {
+                                return Ok(());
+                            }
+                            break until;
+                        }
+                    }
                 }
                 () = sleep_or_forever(wait) => worker.tick().await?,
                 Some(request) = stats_requests.next() => worker.answer_stats(request).await,
@@ -321,17 +342,21 @@ pub async fn run(
                     worker.refresh_floors().await;
                 }
             }
-        }
+        };
         // What was already delivered is applied, persisted and acked rather than left to
         // time out: a redelivery after `ack_wait` would come after newer inputs.
         let mut rest = Vec::new();
         while let Some(Some(item)) = inputs.next().now_or_never() {
             rest.push(item);
         }
-        while !rest.is_empty() {
-            let chunk: Vec<_> = rest.drain(..rest.len().min(max_batch)).collect();
-            worker.process(chunk).await?;
-        }
+        within(drain_until, async {
+            while !rest.is_empty() {
+                let chunk: Vec<_> = rest.drain(..rest.len().min(max_batch)).collect();
+                worker.process(chunk).await?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(())
     }
     .await;
@@ -349,6 +374,33 @@ pub async fn run(
         Err(e) => tracing::error!(error = %format!("{e:#}"), "agents stopped on an error"),
     }
     result
+}
+
+/// Log that the drain begins; when it must end.
+fn draining(timeout: Duration) -> tokio::time::Instant {
+    tracing::info!(
+        ?timeout,
+        "shutting down: no new inputs are pulled; finishing what was delivered"
+    );
+    tokio::time::Instant::now() + timeout
+}
+
+/// Run `work` until `until`: whether it finished (or its error). Past `until` it is
+/// dropped mid-way, which is what a crash at that point would do: its inputs stay
+/// unacked and are redelivered, the outputs it stored are de-duplicated by id.
+async fn within(
+    until: tokio::time::Instant,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<bool> {
+    match tokio::time::timeout_at(until, work).await {
+        Ok(done) => done.map(|()| true),
+        Err(_) => {
+            tracing::warn!(
+                "drain timeout: abandoning the inputs in hand unacked; they will be redelivered (outputs already stored are de-duplicated by id)"
+            );
+            Ok(false)
+        }
+    }
 }
 
 /// The first message plus whatever else is already delivered, up to `max`.

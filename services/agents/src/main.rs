@@ -56,6 +56,10 @@ struct RunArgs {
     /// How often queue gauges are refreshed (they are also refreshed after each batch).
     #[arg(long, env = "PATCHBAY_AGENTS_STATS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     stats_interval: Duration,
+    /// How long SIGTERM may spend finishing the batch in hand (its inputs are redelivered
+    /// if it runs out).
+    #[arg(long, env = "PATCHBAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// Instance name (logs, traces, connection name, CloudEvents source).
     #[arg(long, env = "PATCHBAY_AGENTS_INSTANCE", default_value = "agents-1")]
     instance: String,
@@ -132,6 +136,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     let mut config = AgentsConfig::new(bus, engine);
     config.max_batch = args.max_batch;
     config.stats_interval = args.stats_interval;
+    config.drain_timeout = args.drain_timeout;
     patchbay_agents::run(config, metrics, ready, shutdown_signal())
         .await
         .context("agents service failed")

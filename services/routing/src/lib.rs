@@ -37,6 +37,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use patchbay_bus::discovery::{EndpointReport, Registration};
+use patchbay_bus::resilience::Resilience;
 use patchbay_bus::{BusConfig, Token};
 use patchbay_protocol::{CallEvent, CcSubjects};
 use patchbay_telemetry::{Metrics, ReadyFlag};
@@ -154,6 +155,12 @@ pub async fn run(config: RoutingConfig, shutdown: impl Future<Output = ()>) -> a
         .await
     };
 
+    // The lookup's timeout, retries and breaker; without policies it is asked once with
+    // `--lookup-timeout`.
+    let resilience = Resilience::start(&bus, &config.metrics)
+        .await
+        .context("cannot register the resilience metrics")?;
+
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tokio::spawn(watcher.run(
@@ -168,6 +175,7 @@ pub async fn run(config: RoutingConfig, shutdown: impl Future<Output = ()>) -> a
         rules,
         metrics,
         lookup_timeout: config.lookup_timeout,
+        resilience,
     });
     let ready = config.ready.clone();
     let bound = {
@@ -207,7 +215,7 @@ pub async fn run(config: RoutingConfig, shutdown: impl Future<Output = ()>) -> a
     {
         tracing::warn!(
             timeout = ?config.drain_timeout,
-            "calls still in flight after the drain timeout; they will be redelivered"
+            "calls still in flight after the drain timeout are abandoned unacked; they will be redelivered (decisions already stored are de-duplicated by id)"
         );
     }
     if let Some(service) = service {

@@ -24,7 +24,8 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use patchbay_bus::dlq::{self, DeadLetter};
 use patchbay_bus::reply::{InvokeReply, OUTCOME_HEADER};
-use patchbay_bus::{Bus, CloudEvent, Deadline, RequestErrorKind, RequestOptions, Token};
+use patchbay_bus::resilience::{AttemptError, CallError, FailureKind, Rejected, Resilience};
+use patchbay_bus::{Bus, CloudEvent, Deadline, Token};
 use patchbay_protocol::payload::{
     CallClosed, CallIncoming, CallRouted, CustomerInfo, CustomerLookup,
 };
@@ -158,6 +159,9 @@ pub enum LookupOutcome {
     NoResponders,
     /// An answer that is a failure, an error or unreadable.
     Error(String),
+    /// Not asked: the circuit breaker is open (the function has been failing), or the
+    /// resilience policy's concurrency limit shed the lookup.
+    NotAsked(&'static str),
     /// The call has no caller number to look up.
     Skipped,
 }
@@ -171,6 +175,7 @@ impl LookupOutcome {
             Self::Timeout => "timeout",
             Self::NoResponders => "no-responders",
             Self::Error(_) => "error",
+            Self::NotAsked(why) => why,
             Self::Skipped => "skipped",
         }
     }
@@ -220,6 +225,8 @@ pub(crate) struct Router {
     pub rules: RulesHandle,
     pub metrics: RoutingMetrics,
     pub lookup_timeout: Duration,
+    /// Resilience policies (timeouts, retries, breaker) for the lookup.
+    pub resilience: Resilience,
 }
 
 impl Router {
@@ -266,8 +273,13 @@ impl Router {
                 drop(permit);
             });
         }
-        // Messages pulled but not started are left unacked: the server redelivers them
-        // after ack_wait, to this instance or another.
+        // Calls pulled but not started go back at once (nak, no delay) for another
+        // instance, rather than after ack_wait; in-flight ones finish and ack on `tasks`.
+        let released = patchbay_bus::pull::release_unstarted(&mut messages).await;
+        drop(messages);
+        if released > 0 {
+            tracing::info!(released, "handed back calls pulled but not started");
+        }
         Ok(())
     }
 
@@ -365,7 +377,7 @@ impl Router {
 
     /// Nak with a delay growing per delivery (100 ms doubling, at most 30 s).
     async fn retry(&self, msg: &async_nats::jetstream::Message, delivered: u64, what: &str) {
-        let delay = backoff(delivered);
+        let delay = patchbay_bus::pull::redelivery_backoff(delivered, Duration::ZERO);
         tracing::info!(attempt = delivered, ?delay, what, "will retry the call");
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::warn!(error = %e, "nak failed; the call will be redelivered after ack_wait");
@@ -420,22 +432,38 @@ impl Router {
         let outcome = match request {
             Err(e) => LookupOutcome::Error(e.to_string()),
             Ok(request) => {
-                let options = RequestOptions::timeout(self.lookup_timeout).deadline(deadline);
-                match self
+                let result = self
                     .bus
-                    .request(&self.cc.customer_lookup(), &request, options)
-                    .await
-                {
+                    .request_resilient(
+                        &self.resilience,
+                        &self.cc.customer_lookup(),
+                        &request,
+                        self.lookup_timeout,
+                        deadline,
+                    )
+                    .await;
+                match result {
                     Ok(reply) => match parse_lookup_reply(reply.headers.as_ref(), &reply.payload) {
                         Ok(info) => LookupOutcome::Ok(info),
                         Err(e) => LookupOutcome::Error(e),
                     },
-                    Err(e) => match e.kind {
-                        RequestErrorKind::TimedOut | RequestErrorKind::DeadlineExceeded => {
-                            LookupOutcome::Timeout
+                    Err(CallError::Rejected(Rejected::Open { .. })) => {
+                        LookupOutcome::NotAsked("circuit-open")
+                    }
+                    Err(CallError::Rejected(Rejected::Full { .. })) => {
+                        LookupOutcome::NotAsked("shed")
+                    }
+                    Err(CallError::Rejected(Rejected::DeadlinePassed)) => LookupOutcome::Timeout,
+                    Err(CallError::Failed { kind, error, .. }) => match (kind, error) {
+                        (_, AttemptError::Answered { reply, .. }) => {
+                            match parse_lookup_reply(reply.headers.as_ref(), &reply.payload) {
+                                Ok(info) => LookupOutcome::Ok(info),
+                                Err(e) => LookupOutcome::Error(e),
+                            }
                         }
-                        RequestErrorKind::NoResponders => LookupOutcome::NoResponders,
-                        RequestErrorKind::TooLarge | RequestErrorKind::Other => {
+                        (FailureKind::Timeout, _) => LookupOutcome::Timeout,
+                        (FailureKind::NoResponders, _) => LookupOutcome::NoResponders,
+                        (FailureKind::Error, AttemptError::Request(e)) => {
                             LookupOutcome::Error(e.to_string())
                         }
                     },
@@ -462,12 +490,6 @@ impl Router {
         }
         outcome
     }
-}
-
-/// Delay before the next attempt: 100 ms doubling per delivery, at most 30 s.
-fn backoff(delivered: u64) -> Duration {
-    let ms = 100u64.saturating_mul(1 << delivered.saturating_sub(1).min(10));
-    Duration::from_millis(ms.min(30_000))
 }
 
 #[cfg(test)]
@@ -587,12 +609,5 @@ mod tests {
         let info = parse_lookup_reply(Some(&event.to_headers()), &event.data).unwrap();
         assert_eq!(info.tier, "platinum");
         assert!(!info.known);
-    }
-
-    #[test]
-    fn retries_back_off_within_bounds() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(3), Duration::from_millis(400));
-        assert_eq!(backoff(50), Duration::from_secs(30));
     }
 }

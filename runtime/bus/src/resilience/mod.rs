@@ -7,16 +7,20 @@
 //!   [`Clock`] so they are tested as counts and states;
 //! * [`Resilient`] — one target's mechanisms together, making the decisions for a call:
 //!   may it start, how long may an attempt take, retry or give up, after what delay;
-//! * [`watch`] — [`ResilienceWatch`], the live policies of every process.
+//! * [`watch`] — [`ResilienceWatch`], the live policies of every process;
+//! * [`registry`] — [`Resilience`], a process's mechanisms per configured target with
+//!   their metrics, and [`Resilience::call`], the attempt/backoff/retry loop;
+//! * [`request`] — [`crate::Bus::request_resilient`], that loop around bus requests.
 //!
-//! This module decides; it does not send. [`crate::Bus::request_resilient`] is the request
-//! loop on top of it. Wiring the policies into routing, the function host and the gateway
-//! belongs to those crates.
+//! Wiring the policies into routing, the function host and the gateway belongs to those
+//! crates.
 
 pub mod backoff;
 pub mod breaker;
 pub mod budget;
 pub mod policy;
+pub mod registry;
+pub mod request;
 pub mod watch;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,9 +33,11 @@ pub use backoff::{Backoff, SplitMix64};
 pub use breaker::{BreakerState, CallOutcome, CircuitBreaker, Open, Permit};
 pub use budget::RetryBudgetBucket;
 pub use policy::{
-    BreakerPolicy, FailureKind, PolicyError, RESILIENCE_BUCKET, ResiliencePolicy, RetryBudget,
-    RetryPolicy, StoredTarget, Target, TargetPolicy,
+    BreakerPolicy, FailureKind, PolicyError, PolicyOrigin, RESILIENCE_BUCKET, ResiliencePolicy,
+    RetryBudget, RetryPolicy, StoredTarget, Target, TargetPolicy,
 };
+pub use registry::{AttemptFailed, CallError, Resilience, ResilienceMetrics};
+pub use request::{AttemptError, ResilientResult};
 pub use watch::{ResilienceWatch, WatchError};
 
 use crate::deadline::{Clock, Deadline};

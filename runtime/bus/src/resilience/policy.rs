@@ -423,6 +423,47 @@ pub struct StoredTarget {
     pub target: Target,
     /// Its policy.
     pub policy: TargetPolicy,
+    /// Who wrote it: the policy file (`patchbay resilience apply`, which also removes file
+    /// targets the file no longer names) or `patchbay fn deploy --resilience` (kept by
+    /// `apply` unless the file names the same target, which then takes it over).
+    #[serde(default, skip_serializing_if = "PolicyOrigin::is_file")]
+    pub origin: PolicyOrigin,
+}
+
+/// Who owns a stored policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyOrigin {
+    /// `deploy/resilience.toml` through `patchbay resilience apply`.
+    #[default]
+    File,
+    /// A function's deploy flags (`patchbay fn deploy --resilience …`).
+    Deploy,
+}
+
+impl PolicyOrigin {
+    fn is_file(&self) -> bool {
+        *self == Self::File
+    }
+}
+
+impl TargetPolicy {
+    /// A policy written inline, as `patchbay fn deploy --resilience` takes it: the fields
+    /// of one `[targets."…"]` table on one line, e.g.
+    /// `timeout = "2s", retry = { max_attempts = 3 }, concurrency = 16`.
+    pub fn from_inline(target: &Target, fields: &str) -> Result<Self, PolicyError> {
+        let policy: ResiliencePolicy = ResiliencePolicy::from_toml(&format!(
+            "[targets]\n{:?} = {{ {fields} }}\n",
+            target.to_string()
+        ))?;
+        policy
+            .targets
+            .into_values()
+            .next()
+            .ok_or_else(|| PolicyError::Parse {
+                reason: "no policy given".into(),
+            })
+    }
 }
 
 /// Humantime strings for durations ("250ms"), in TOML and in the stored JSON.
@@ -525,6 +566,7 @@ mod tests {
         let stored = StoredTarget {
             target: target("subject:cc.v1.customers.lookup"),
             policy: p.clone(),
+            origin: PolicyOrigin::File,
         };
         let json = serde_json::to_string(&stored).unwrap();
         assert!(json.contains("\"timeout\":\"250ms\""), "{json}");

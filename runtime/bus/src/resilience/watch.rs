@@ -198,14 +198,23 @@ impl ResilienceWatch {
     /// matching it — if any.
     #[must_use]
     pub fn configured(&self, target: &Target) -> Option<Arc<TargetPolicy>> {
+        self.resolve(target).map(|(_, policy)| policy)
+    }
+
+    /// The configured target covering `target` (itself, or the most specific subject
+    /// pattern matching it) with its policy. Per-target state (breakers, budgets) is kept
+    /// per configured target, so `cc.v1.calls.*.incoming` has one breaker, not one per call.
+    #[must_use]
+    pub fn resolve(&self, target: &Target) -> Option<(Target, Arc<TargetPolicy>)> {
         let snapshot = self.snapshot();
-        snapshot.exact.get(target).cloned().or_else(|| {
-            snapshot
-                .patterns
-                .iter()
-                .find(|(pattern, _)| pattern.matches(target))
-                .map(|(_, p)| Arc::clone(p))
-        })
+        if let Some(policy) = snapshot.exact.get(target) {
+            return Some((target.clone(), Arc::clone(policy)));
+        }
+        snapshot
+            .patterns
+            .iter()
+            .find(|(pattern, _)| pattern.matches(target))
+            .map(|(pattern, p)| (pattern.clone(), Arc::clone(p)))
     }
 
     /// The current snapshot (cheap: an `Arc` clone under a read lock).

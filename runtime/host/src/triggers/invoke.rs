@@ -38,30 +38,40 @@ impl TriggerLoop for InvokeTrigger {
                     None => break,
                 },
             };
-            let name = match node.bus.subjects().parse(&msg.subject) {
-                Ok(PlatformSubject::FnInvoke { function }) => function,
-                _ => continue,
-            };
-            match node.function(name.as_str()) {
-                Some(f) => {
-                    node.tasks
-                        .spawn(handle_core(Arc::clone(&node), f, msg, Self::KIND));
-                }
-                None => {
-                    if let Some(reply) = &msg.reply {
-                        let body = InvokeReply::Error {
-                            function: name.to_string(),
-                            version: None,
-                            kind: ErrorKind::UnknownFunction,
-                            message: format!("unknown function {:?}", name.as_str()),
-                        };
-                        send_reply(&node, reply, &body).await;
-                    }
-                }
+            dispatch(&node, msg).await;
+        }
+        // Drain: the server stops sending (the queue group's other members get the next
+        // requests), and what is already buffered is still answered.
+        let _ = sub.drain().await;
+        while let Some(msg) = sub.next().await {
+            dispatch(&node, msg).await;
+        }
+        Ok(())
+    }
+}
+
+/// Hand one invocation request to the function it names (or refuse an unknown one).
+async fn dispatch(node: &Arc<Node>, msg: async_nats::Message) {
+    let name = match node.bus.subjects().parse(&msg.subject) {
+        Ok(PlatformSubject::FnInvoke { function }) => function,
+        _ => return,
+    };
+    match node.function_for(name.as_str(), &msg) {
+        Some(f) => {
+            node.tasks
+                .spawn(handle_core(Arc::clone(node), f, msg, InvokeTrigger::KIND));
+        }
+        None => {
+            if let Some(reply) = &msg.reply {
+                let body = InvokeReply::Error {
+                    function: name.to_string(),
+                    version: None,
+                    kind: ErrorKind::UnknownFunction,
+                    message: format!("unknown function {:?}", name.as_str()),
+                };
+                send_reply(node, reply, &body).await;
             }
         }
-        let _ = sub.drain().await;
-        Ok(())
     }
 }
 

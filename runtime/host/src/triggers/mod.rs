@@ -4,11 +4,13 @@
 //!
 //! * [`subject`]: core NATS queue group, at most once, lowest latency.
 //! * [`stream`]: shared durable consumer, at least once, with retries and dead letters.
+//! * [`ordered`]: a `stream` trigger with per-key ordering, one pull loop per partition.
 //! * [`schedule`]: cron ticks de-duplicated through a stream, one run per tick cluster-wide.
 //! * [`invoke`]: `patchbay.v1.fn.<name>.invoke` request-reply, for every function.
 //! * [`status`]: not a trigger; answers `patchbay.v1.runtime.status` scatter-gather.
 
 pub(crate) mod invoke;
+pub(crate) mod ordered;
 pub(crate) mod schedule;
 pub(crate) mod status;
 pub(crate) mod stream;
@@ -41,7 +43,10 @@ pub(crate) trait TriggerLoop: Send + 'static {
 }
 
 fn spawn<T: TriggerLoop>(node: Arc<Node>, function: Token, trigger: T, stop: CancellationToken) {
-    tokio::spawn(async move {
+    // Tracked with the invocations, so shutdown also waits for each loop to hand back or
+    // hand off what it had buffered after its stop token fired.
+    let tasks = node.tasks.clone();
+    tasks.spawn(async move {
         if let Err(e) = trigger.run(node, stop).await {
             tracing::error!(function = %function, trigger = T::KIND, error = %e, "trigger stopped");
         }
@@ -58,6 +63,18 @@ pub(crate) fn start(node: Arc<Node>, function: Token, trigger: Trigger, stop: Ca
             subject::SubjectTrigger {
                 function,
                 subject: subjects.full(&subject),
+            },
+            stop,
+        ),
+        Trigger::Stream {
+            ordered: Some(order),
+            ..
+        } => spawn(
+            node,
+            function.clone(),
+            ordered::OrderedTrigger {
+                function,
+                partitions: order.partitions,
             },
             stop,
         ),

@@ -28,6 +28,10 @@ pub struct ServedFunction {
     pub digest: String,
     /// Its trigger.
     pub trigger: String,
+    /// The canary version this node also routes a share of the interactions to (none
+    /// without a canary, or once an auto-rollback verdict stopped it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
 }
 
 /// Answer status requests until the node shuts down.
@@ -49,6 +53,7 @@ pub(crate) async fn run(node: Arc<Node>) {
                     version: f.spec.version,
                     digest: f.spec.digest.clone(),
                     trigger: f.spec.trigger.to_string(),
+                    canary: node.canaries.routing_version(f.name.as_str()),
                 })
                 .collect(),
         };

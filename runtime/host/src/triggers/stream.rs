@@ -7,6 +7,10 @@
 //! context and is terminated; `drop` acks and counts. A malformed message is
 //! dead-lettered at once: nothing vanishes. The consumer itself belongs to `fn deploy`
 //! (admin), so nodes only need to consume and ack.
+//!
+//! Drain: a message is taken off the pull stream only when it can start, so on stop the
+//! ones in flight finish and ack while the ones pulled but not started are nak'ed at once
+//! for another node (see [`crate::node::run`] for the deadline).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +19,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt as _;
 use patchbay_bus::Token;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -59,7 +64,17 @@ impl TriggerLoop for StreamTrigger {
             .messages()
             .await
             .map_err(|e| format!("pull from {consumer_name}: {e}"))?;
+        // One slot per message being handled: nothing is taken off the pull stream before
+        // it can start, so at shutdown the rest is still buffered and can be handed back.
+        let slots = Arc::new(Semaphore::new(batch));
         loop {
+            let slot = tokio::select! {
+                () = stop.cancelled() => break,
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let msg = tokio::select! {
                 () = stop.cancelled() => break,
                 msg = messages.next() => match msg {
@@ -71,17 +86,26 @@ impl TriggerLoop for StreamTrigger {
                     None => break,
                 },
             };
-            let Some(f) = node.function(self.function.as_str()) else {
+            let Some(f) = node.function_for(self.function.as_str(), &msg) else {
                 // Removed while the message was in flight: let another node or a later
                 // deploy have it instead of losing it.
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 break;
             };
-            node.tasks
-                .spawn(handle(Arc::clone(&node), f, msg, self.kind));
+            let handled = handle(Arc::clone(&node), f, msg, self.kind);
+            node.tasks.spawn(async move {
+                handled.await;
+                drop(slot);
+            });
         }
-        // Messages pulled but not started are left unacked: the server redelivers them
-        // after ack_wait, to this node or another.
+        // Stopping (shutdown, trigger replaced or removed): messages in flight finish and
+        // ack on their own; the ones pulled but not started go back now rather than after
+        // ack_wait. Anything the server sent after this is redelivered after ack_wait.
+        let released = patchbay_bus::pull::release_unstarted(&mut messages).await;
+        drop(messages);
+        if released > 0 {
+            tracing::info!(consumer = %consumer_name, released, "handed back messages pulled but not started");
+        }
         lag.abort();
         for gauge in [
             &node.metrics.consumer_pending,
@@ -93,14 +117,7 @@ impl TriggerLoop for StreamTrigger {
     }
 }
 
-/// Delay before the next attempt: the function's request, at least 100 ms doubling per
-/// delivery, at most 30 s.
-fn backoff(delivered: u64, requested_ms: u64) -> Duration {
-    let exp = 100u64.saturating_mul(1 << delivered.saturating_sub(1).min(10));
-    Duration::from_millis(requested_ms.max(exp).min(30_000))
-}
-
-async fn handle(
+pub(super) async fn handle(
     node: Arc<Node>,
     f: Arc<Deployed>,
     msg: async_nats::jetstream::Message,
@@ -113,7 +130,9 @@ async fn handle(
         ),
         Err(_) => (1, String::new()),
     };
-    let subject = msg.subject.to_string();
+    // An ordered trigger's copy names its partition; the function sees the original.
+    let subject =
+        crate::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject).to_owned();
     let span = node.bus.process_delivery(&msg);
     async move {
         let max_deliver = u64::from(f.spec.limits.max_deliver.max(1));
@@ -155,7 +174,8 @@ async fn handle(
             let reason = format!("gave up after {delivered} attempts: {reason}");
             return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
         }
-        let delay = backoff(delivered, requested_ms);
+        let delay =
+            patchbay_bus::pull::redelivery_backoff(delivered, Duration::from_millis(requested_ms));
         tracing::info!(%reason, attempt = delivered, ?delay, "will retry");
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
@@ -199,7 +219,8 @@ async fn dead_letter(
     reason: &str,
     source: &str,
 ) {
-    let subject = msg.subject.to_string();
+    let subject =
+        crate::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject).to_owned();
     let record = DeadLetter {
         function: f.name.as_str(),
         version: Some(f.spec.version),
@@ -217,20 +238,5 @@ async fn dead_letter(
             .with_label_values(&[f.name.as_str(), &f.spec.version.to_string()])
             .inc();
         tracing::warn!(%reason, attempts, "dead-lettered");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_per_delivery_within_bounds_and_honours_requests() {
-        assert_eq!(backoff(1, 0), Duration::from_millis(100));
-        assert_eq!(backoff(2, 0), Duration::from_millis(200));
-        assert_eq!(backoff(4, 0), Duration::from_millis(800));
-        assert_eq!(backoff(1, 5_000), Duration::from_millis(5_000));
-        assert_eq!(backoff(40, 0), Duration::from_secs(30));
-        assert_eq!(backoff(1, u64::MAX), Duration::from_secs(30));
     }
 }

@@ -36,7 +36,7 @@ impl TriggerLoop for SubjectTrigger {
                 },
             };
             // The version is chosen per message, so a redeploy never needs a resubscribe.
-            let Some(f) = node.function(self.function.as_str()) else {
+            let Some(f) = node.function_for(self.function.as_str(), &msg) else {
                 break;
             };
             node.tasks
@@ -45,7 +45,7 @@ impl TriggerLoop for SubjectTrigger {
         // Drain: the server stops sending, and what is already buffered is still handled.
         let _ = sub.drain().await;
         while let Some(msg) = sub.next().await {
-            if let Some(f) = node.function(self.function.as_str()) {
+            if let Some(f) = node.function_for(self.function.as_str(), &msg) {
                 node.tasks
                     .spawn(handle_core(Arc::clone(&node), f, msg, Self::KIND));
             }
