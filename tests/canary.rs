@@ -229,6 +229,10 @@ async fn a_ten_percent_canary_gets_its_share_of_interactions_each_on_one_version
         "the 10 % canary got {share:.2} % of {} interactions",
         by_interaction.len()
     );
+    eprintln!(
+        "canary share: {share:.2} % of {} interactions",
+        by_interaction.len()
+    );
     // Deterministic across nodes: each interaction went where the shared hash sends it.
     for (interaction, versions) in &by_interaction {
         let expected = match choose(10.0, interaction) {

@@ -5,10 +5,12 @@
 //! on NATS headers, W3C trace-context propagation, the `patchbay-deadline` header and the
 //! publish/request primitives that apply all of them, plus the two record shapes every
 //! component shares: the reply to an invocation ([`reply`]) and the dead-letter record
-//! ([`dlq`]), and the NATS micro discovery every component answers ([`discovery`]), and
-//! the request-side resilience mechanisms and policies ([`resilience`]). It
-//! does not own any business subject (those live in `patchbay-protocol`), any stream
-//! layout (that is `deploy/streams.toml`) or telemetry set-up (`patchbay-telemetry`).
+//! ([`dlq`]), the NATS micro discovery every component answers ([`discovery`]), the
+//! request-side resilience mechanisms, policies and request loop ([`resilience`]), and
+//! what every durable consumer loop does alike ([`pull`]: drain hand-back, redelivery
+//! backoff). It does not own any business subject (those live in `patchbay-protocol`),
+//! any stream layout (that is `deploy/streams.toml`) or telemetry set-up
+//! (`patchbay-telemetry`).
 
 //!
 //! Without the default `client` feature only [`subject`] is compiled, with no
