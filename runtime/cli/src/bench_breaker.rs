@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use patchbay_bus::CloudEvent;
-use patchbay_bus::resilience::{RESILIENCE_BUCKET, ResiliencePolicy};
+use patchbay_bus::resilience::ResiliencePolicy;
 
 use crate::bench::{BenchArgs, Testbed, spawn_workload};
 use crate::bench_gateway::{Killed, http_get};
@@ -114,11 +114,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 async fn apply_policy(admin: &patchbay_bus::Bus) -> anyhow::Result<()> {
     let policy = ResiliencePolicy::from_toml(LOOKUP_POLICY)?;
-    let store = admin
-        .jetstream()
-        .get_key_value(RESILIENCE_BUCKET)
-        .await
-        .context("open the resilience bucket")?;
+    let store = crate::resilience::open(admin).await?;
     crate::resilience::apply(&store, &policy, false).await?;
     Ok(())
 }

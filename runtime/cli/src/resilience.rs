@@ -80,7 +80,8 @@ pub async fn run(command: ResilienceCommand, bus: Bus) -> anyhow::Result<()> {
     }
 }
 
-async fn open(bus: &Bus) -> anyhow::Result<kv::Store> {
+/// The `patchbay-resilience` bucket (created by the bootstrap).
+pub(crate) async fn open(bus: &Bus) -> anyhow::Result<kv::Store> {
     bus.jetstream()
         .get_key_value(RESILIENCE_BUCKET)
         .await

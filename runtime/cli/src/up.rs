@@ -1,6 +1,7 @@
 //! `patchbay up`: the whole system on this machine — nats-server with mTLS and
-//! JetStream, the bootstrap, the core services (routing, agents), runtime nodes, the
-//! gateway with a dev token, and the example functions — until Ctrl-C.
+//! JetStream, the bootstrap, the resilience policies of `deploy/resilience.toml`, the core
+//! services (routing, agents), runtime nodes, the gateway with a dev token, and the
+//! example functions — until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -217,6 +218,7 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
         .context("the admin identity cannot connect")?;
     let report = local::bootstrap(&admin, &args.deploy_dir).await?;
     println!("JetStream assets: {report}");
+    apply_resilience(&admin, &args.deploy_dir).await?;
 
     let mut env = EnvFile::load(&state.env_file())?;
     env.set(envfile::NATS_URL, &url);
@@ -381,5 +383,25 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
     println!("stopping…");
     drop(children);
     drop(nats_process);
+    Ok(())
+}
+
+/// Apply `<deploy>/resilience.toml` (if there is one) before the services start, so they
+/// begin with its policies; `patchbay resilience apply` changes them later without a
+/// restart.
+async fn apply_resilience(admin: &patchbay_bus::Bus, deploy_dir: &Path) -> anyhow::Result<()> {
+    let file = deploy_dir.join("resilience.toml");
+    if !file.is_file() {
+        return Ok(());
+    }
+    let policy = crate::resilience::validate_file(&file)
+        .with_context(|| format!("{} refused", file.display()))?;
+    let store = crate::resilience::open(admin).await?;
+    let changes = crate::resilience::apply(&store, &policy, false).await?;
+    println!(
+        "resilience policies: {} target(s) from {}",
+        changes.len(),
+        file.display()
+    );
     Ok(())
 }
