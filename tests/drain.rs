@@ -142,17 +142,21 @@ fn terminate(process: &mut Process) -> bool {
 }
 
 /// Inputs published but never seen, and inputs seen more than once.
-fn missing_and_duplicated(
-    seen: &BTreeMap<String, usize>,
-    expected: impl Iterator<Item = String>,
-) -> (Vec<String>, Vec<(String, usize)>) {
-    let missing = expected.filter(|k| !seen.contains_key(k)).collect();
-    let duplicated = seen
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(k, n)| (k.clone(), *n))
-        .collect();
-    (missing, duplicated)
+/// Assert that `seen` (publishes per key) holds every one of `expected` exactly once
+/// and nothing else; `what` names the publishes ("outputs", "decisions").
+fn assert_each_exactly_once(seen: &BTreeMap<String, usize>, expected: &[String], what: &str) {
+    let missing: Vec<_> = expected.iter().filter(|k| !seen.contains_key(*k)).collect();
+    let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty(), "inputs without {what}: {missing:?}");
+    assert!(
+        duplicated.is_empty(),
+        "inputs handled more than once ({what} published twice): {duplicated:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "{what} for inputs never published: {seen:?}"
+    );
 }
 
 /// The lines of a process log about its drain (printed for whoever reads the output).
@@ -265,17 +269,8 @@ async fn sigterm_on_a_runtime_node_under_stream_load_loses_no_event_and_handles_
     counting.abort();
 
     let seen = seen.lock().unwrap().clone();
-    let (missing, duplicated) = missing_and_duplicated(&seen, (0..N).map(|i| format!("rec-{i}")));
-    assert!(missing.is_empty(), "inputs without an output: {missing:?}");
-    assert!(
-        duplicated.is_empty(),
-        "inputs handled more than once (outputs published twice): {duplicated:?}"
-    );
-    assert_eq!(
-        seen.len(),
-        N,
-        "outputs for inputs never published: {seen:?}"
-    );
+    let inputs: Vec<String> = (0..N).map(|i| format!("rec-{i}")).collect();
+    assert_each_exactly_once(&seen, &inputs, "an output");
     assert_eq!(stored_count(&admin, "CC_CALLS", OUT).await, N);
     assert_eq!(
         patchbay_tests::dead_letter_count(&admin).await,
@@ -569,13 +564,8 @@ async fn sigterm_on_one_of_two_routing_instances_under_load_leaves_every_call_wi
     counting.abort();
 
     let seen = seen.lock().unwrap().clone();
-    let (missing, duplicated) = missing_and_duplicated(&seen, (0..N).map(|i| format!("drain-{i}")));
-    assert!(missing.is_empty(), "calls without a decision: {missing:?}");
-    assert!(
-        duplicated.is_empty(),
-        "calls decided more than once: {duplicated:?}"
-    );
-    assert_eq!(seen.len(), N);
+    let calls: Vec<String> = (0..N).map(|i| format!("drain-{i}")).collect();
+    assert_each_exactly_once(&seen, &calls, "a decision");
     let stored = stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.routed").await
         + stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.closed").await;
     assert_eq!(stored, N);
