@@ -241,7 +241,10 @@ impl HostCapabilities for NatsCapabilities {
     fn request(&self, event: Event, timeout: Duration) -> BoxFuture<'_, Result<Event, BusError>> {
         Box::pin(async move {
             let (subject, event) = self.event(event);
-            // Under the target's resilience policy (timeout, retries, breaker), if any.
+            // Under the target's resilience policy (timeout, retries, breaker), if any. The
+            // function waits at most `timeout` for the whole call, retries included: that
+            // (or the invocation's own deadline, if sooner) is the call's deadline.
+            let deadline = Deadline::effective(self.deadline, self.node.bus.clock(), timeout);
             let result = self
                 .node
                 .bus
@@ -250,7 +253,7 @@ impl HostCapabilities for NatsCapabilities {
                     &subject,
                     &event,
                     timeout,
-                    self.deadline,
+                    Some(deadline),
                 )
                 .await;
             let reply = match result {
