@@ -447,17 +447,7 @@ async fn malformed_input_is_dead_lettered_and_does_not_stop_the_next_good_one() 
         "nothing was queued for the bad messages"
     );
     // Each refused input is in the dead-letter stream with its reason.
-    let listed = stack
-        .cli(&["fn", "dlq", "ls", "agents", "--json"])
-        .success();
-    let letters = listed.json();
-    let letters = letters.as_array().unwrap();
-    assert_eq!(letters.len(), 4, "{letters:?}");
-    assert!(
-        letters
-            .iter()
-            .all(|l| l["error"].as_str().is_some_and(|e| !e.is_empty()))
-    );
+    patchbay_tests::assert_dead_letters_with_reasons(&stack, "agents", 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::PullConsumer;
 use patchbay_bus::{Bus, CloudEvent, RequestOptions};
 use patchbay_protocol::payload::{CallClosed, CallIncoming, CallRouted};
 use patchbay_tests::{
-    Process, Stack, eventually, free_port, http_get, metric_value, next_message, wait_until_serving,
+    Process, Stack, consumer_backlog, eventually, free_port, http_get, metric_value, next_message,
+    stored_count, wait_until_serving,
 };
 
 /// Upper bound for readiness and for a decision to arrive.
@@ -203,45 +203,8 @@ async fn next_routed(sub: &mut async_nats::Subscriber) -> (CallRouted, CloudEven
     (event.data_json().unwrap(), event, headers)
 }
 
-/// `(ack pending, pending)` of the routing consumer.
-async fn routing_backlog(admin: &Bus) -> (usize, u64) {
-    let stream = admin.jetstream().get_stream("CC_CALLS").await.unwrap();
-    let mut consumer: PullConsumer = stream.get_consumer("routing").await.unwrap();
-    let info = consumer.info().await.unwrap();
-    (info.num_ack_pending, info.num_pending)
-}
-
-/// How many messages CC_CALLS stores on `subject`.
-async fn stored_on(admin: &Bus, subject: &str) -> usize {
-    use futures::TryStreamExt as _;
-    let stream = admin.jetstream().get_stream("CC_CALLS").await.unwrap();
-    let subjects: Vec<(String, usize)> = stream
-        .info_with_subjects(subject)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    subjects.iter().map(|(_, n)| n).sum()
-}
-
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).map(|v| v.as_str())
-}
-
-fn deploy_customer_lookup(stack: &Stack) {
-    let _ = stack.deploy(
-        "customer-lookup",
-        "customer-lookup",
-        &[
-            "--trigger",
-            "subject:cc.v1.customers.lookup",
-            "--publish",
-            "cc.v1.customers.lookup.reply",
-            "--config",
-            "default_tier=standard",
-        ],
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,7 +213,7 @@ async fn routes_a_call_with_the_tier_from_the_customer_lookup_function() {
     let _node = stack.spawn_runtime("node-1");
     let admin = stack.admin().await;
     wait_until_serving(&admin, &["node-1"], None, READY).await;
-    deploy_customer_lookup(&stack);
+    let _ = stack.deploy_customer_lookup();
     wait_until_serving(&admin, &["node-1"], Some(("customer-lookup", 1)), READY).await;
 
     // Seed a gold customer through the function itself.
@@ -321,7 +284,7 @@ async fn routes_a_call_with_the_tier_from_the_customer_lookup_function() {
         )
         .await;
     eventually(READY, "the call to be acked", || async {
-        (routing_backlog(&admin).await == (0, 0)).then_some(())
+        (consumer_backlog(&admin, "CC_CALLS", "routing").await == (0, 0)).then_some(())
     })
     .await;
 }
@@ -418,22 +381,15 @@ async fn malformed_calls_are_rejected_and_the_next_good_call_is_routed() {
     }
     // Nothing is stuck or redelivered: every message was acked or terminated.
     eventually(READY, "the routing consumer to be drained", || async {
-        (routing_backlog(&admin).await == (0, 0)).then_some(())
+        (consumer_backlog(&admin, "CC_CALLS", "routing").await == (0, 0)).then_some(())
     })
     .await;
-    assert_eq!(stored_on(&admin, "cc.v1.calls.*.routed").await, 1);
-    // Each malformed call is in the dead-letter stream with its reason.
-    let listed = stack
-        .cli(&["fn", "dlq", "ls", "routing", "--json"])
-        .success();
-    let letters = listed.json();
-    let letters = letters.as_array().unwrap();
-    assert_eq!(letters.len(), 4, "{letters:?}");
-    assert!(
-        letters
-            .iter()
-            .all(|l| l["error"].as_str().is_some_and(|e| !e.is_empty()))
+    assert_eq!(
+        stored_count(&admin, "CC_CALLS", "cc.v1.calls.*.routed").await,
+        1
     );
+    // Each malformed call is in the dead-letter stream with its reason.
+    patchbay_tests::assert_dead_letters_with_reasons(&stack, "routing", 4);
     assert!(routing.process.is_running());
 }
 
@@ -529,7 +485,10 @@ async fn a_redelivered_input_stores_its_decision_once() {
             2.0,
         )
         .await;
-    assert_eq!(stored_on(&admin, "cc.v1.calls.call-twice.routed").await, 1);
+    assert_eq!(
+        stored_count(&admin, "CC_CALLS", "cc.v1.calls.call-twice.routed").await,
+        1
+    );
 }
 
 fn write(path: &Path, text: &str) {
@@ -652,7 +611,7 @@ async fn a_failing_lookup_opens_the_breaker_routing_falls_back_and_a_probe_close
 
     // The function recovers (the real customer-lookup as version 2). After the next
     // cool-down the probe succeeds, the breaker closes and every call asks again.
-    deploy_customer_lookup(&stack);
+    let _ = stack.deploy_customer_lookup();
     wait_until_serving(&admin, &["node-1"], Some(("customer-lookup", 2)), READY).await;
     tokio::time::sleep(LOOKUP_COOL_DOWN + Duration::from_millis(500)).await;
     let routed = route_one(&admin, "call-recovered").await;

@@ -164,18 +164,7 @@ async fn one_call_from_http_to_assignment_is_one_trace_across_every_hop() {
 
     let _node = stack.spawn_runtime_with_env("node-1", &otel);
     wait_until_serving(&admin, &["node-1"], None, PATIENCE).await;
-    let _ = stack.deploy(
-        "customer-lookup",
-        "customer-lookup",
-        &[
-            "--trigger",
-            "subject:cc.v1.customers.lookup",
-            "--publish",
-            "cc.v1.customers.lookup.reply",
-            "--config",
-            "default_tier=standard",
-        ],
-    );
+    let _ = stack.deploy_customer_lookup();
     // Downstream of the assignment: a function on the stored `assigned` events.
     let _ = stack.deploy(
         "echo",

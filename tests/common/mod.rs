@@ -280,6 +280,23 @@ impl Stack {
         );
         json
     }
+
+    /// Deploy the demo `customer-lookup` function as `make up` does: it answers
+    /// `cc.v1.customers.lookup` from its KV bucket, `standard` tier for unknown callers.
+    pub fn deploy_customer_lookup(&self) -> serde_json::Value {
+        self.deploy(
+            "customer-lookup",
+            "customer-lookup",
+            &[
+                "--trigger",
+                "subject:cc.v1.customers.lookup",
+                "--publish",
+                "cc.v1.customers.lookup.reply",
+                "--config",
+                "default_tier=standard",
+            ],
+        )
+    }
 }
 
 /// The output of a CLI run.
@@ -641,6 +658,20 @@ pub fn header_value(headers: Option<&async_nats::HeaderMap>, name: &str) -> Stri
         .and_then(|h| h.get(name))
         .map(|v| v.as_str().to_owned())
         .unwrap_or_default()
+}
+
+/// Assert that `patchbay fn dlq ls <owner>` lists `count` dead letters, each with its
+/// reason.
+pub fn assert_dead_letters_with_reasons(stack: &Stack, owner: &str, count: usize) {
+    let listed = stack.cli(&["fn", "dlq", "ls", owner, "--json"]).success();
+    let letters = listed.json();
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), count, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["error"].as_str().is_some_and(|e| !e.is_empty()))
+    );
 }
 
 /// How many dead letters PATCHBAY_DLQ holds.

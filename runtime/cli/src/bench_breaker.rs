@@ -20,7 +20,7 @@ use patchbay_bus::CloudEvent;
 use patchbay_bus::resilience::ResiliencePolicy;
 
 use crate::bench::{BenchArgs, Testbed, spawn_workload};
-use crate::bench_gateway::{Killed, http_get};
+use crate::bench_gateway::{Killed, free_port, http_get};
 
 /// Calls per phase and their rate: 20 s of traffic at 25 calls/s.
 const CALLS: usize = 500;
@@ -141,12 +141,6 @@ async fn lookup_responder(admin: patchbay_bus::Bus, lookup: Lookup) {
             .publish_with_headers(reply, headers, event.data.clone())
             .await;
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn spawn_routing(
