@@ -257,8 +257,10 @@ async fn routes_a_call_with_the_tier_from_the_customer_lookup_function() {
     assert_eq!(routed.priority, 30 + 20);
     assert_eq!(routed.seq, 1);
     assert_eq!(event.key(), Some("call-gold"));
-    // The decision's id derives from the input's and is its de-duplication id too.
-    assert_eq!(event.id, format!("routing-{input_id}"));
+    // The decision's id derives from the input's (source and id) and is its
+    // de-duplication id too.
+    let input = CloudEvent::new("/test/telephony", CallIncoming::TYPE).id(input_id);
+    assert_eq!(event.id, input.output_dedup_id("routing", 0));
     assert_eq!(header(&headers, "Nats-Msg-Id"), Some(event.id.as_str()));
     // The trace continues: same trace id, a new parent span.
     let parent = header(&headers, "traceparent").expect("the decision carries a traceparent");

@@ -28,6 +28,10 @@ pub struct BusArgs {
         default_value = ""
     )]
     pub subject_prefix: String,
+    /// Most handlers one event may pass through (functions, services) before it is
+    /// refused as a loop: dead-lettered on streams, an error reply on core subjects.
+    #[arg(long = "max-hops", env = "PATCHBAY_MAX_HOPS", default_value_t = crate::hops::DEFAULT_MAX_HOPS)]
+    pub max_hops: usize,
 }
 
 impl BusArgs {
@@ -35,7 +39,8 @@ impl BusArgs {
     pub fn config(&self, name: impl Into<String>) -> Result<BusConfig, SubjectError> {
         let mut config = BusConfig::new("", &self.ca, &self.cert, &self.key)
             .name(name)
-            .subjects(Subjects::new(self.subject_prefix.clone())?);
+            .subjects(Subjects::new(self.subject_prefix.clone())?)
+            .max_hops(self.max_hops);
         config.servers.clone_from(&self.nats);
         Ok(config)
     }

@@ -51,6 +51,9 @@ pub struct BusConfig {
     pub subscription_capacity: usize,
     /// Edge metrics to count publishes and received messages into; `None` counts nothing.
     pub metrics: Option<BusMetrics>,
+    /// Most handlers one event may pass through before a handler refuses it (see
+    /// [`crate::hops`]): stops a function whose output triggers itself.
+    pub max_hops: usize,
 }
 
 impl BusConfig {
@@ -73,7 +76,15 @@ impl BusConfig {
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 64 * 1024,
             metrics: None,
+            max_hops: crate::hops::DEFAULT_MAX_HOPS,
         }
+    }
+
+    /// Set the hop limit (see [`crate::hops`]).
+    #[must_use]
+    pub fn max_hops(mut self, max: usize) -> Self {
+        self.max_hops = max.max(1);
+        self
     }
 
     /// Count this connection's traffic into `metrics` (edge metrics, see [`BusMetrics`]).
@@ -230,6 +241,8 @@ pub struct Bus {
     /// `kind/name` of [`Bus::identity`], sent in the `patchbay-from` header.
     from: Option<Arc<str>>,
     metrics: Option<BusMetrics>,
+    /// See [`BusConfig::max_hops`].
+    max_hops: usize,
 }
 
 impl fmt::Debug for Bus {
@@ -477,6 +490,7 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
         clock: Arc::new(SystemClock),
         from,
         metrics: config.metrics.clone(),
+        max_hops: config.max_hops,
     })
 }
 
@@ -585,6 +599,17 @@ impl Bus {
         &self.subjects
     }
 
+    /// The hop chain for handling a message with `headers` as `handler` (e.g.
+    /// `fn/<name>`, `service/routing`): run the handling inside [`crate::hops::scope`]
+    /// with it. Refused once the chain would exceed this connection's hop limit.
+    pub fn enter_hop(
+        &self,
+        headers: Option<&HeaderMap>,
+        handler: &str,
+    ) -> Result<crate::hops::HopChain, crate::hops::HopLimitExceeded> {
+        crate::hops::HopChain::from_headers(headers).enter(handler, self.max_hops)
+    }
+
     /// The CloudEvents `source` this connection stamps on events it creates.
     #[must_use]
     pub fn source(&self) -> &str {
@@ -645,6 +670,9 @@ impl Bus {
     ) -> HeaderMap {
         let mut headers = event.to_headers();
         trace::inject_span(span, &mut headers);
+        if let Some(chain) = crate::hops::current() {
+            chain.write(&mut headers);
+        }
         if let Some(d) = deadline {
             d.write(&mut headers);
         }
@@ -746,14 +774,16 @@ impl Bus {
     }
 
     /// Publish `event` to the JetStream stream holding `subject` and wait for the stream's
-    /// acknowledgement. `ce-id` becomes `Nats-Msg-Id`, so a retried publish is stored once.
+    /// acknowledgement. The `Nats-Msg-Id` is [`CloudEvent::dedup_id`] (a hash of `source`
+    /// and `id`, since CloudEvents ids are unique only per source), so a retried publish
+    /// is stored once and two producers' events never shadow each other.
     pub async fn publish_durable(
         &self,
         subject: &str,
         event: &CloudEvent,
         deadline: Option<Deadline>,
     ) -> Result<jetstream::publish::PublishAck, PublishError> {
-        self.publish_durable_with_id(subject, event, &event.id, deadline)
+        self.publish_durable_with_id(subject, event, &event.dedup_id(), deadline)
             .await
     }
 

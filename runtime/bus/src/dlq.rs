@@ -117,9 +117,10 @@ pub async fn dead_letter(bus: &Bus, owner: &Token, msg: &Message, record: &DeadL
     {
         headers.insert(TRACE_ID, trace_id.as_str());
     }
-    // The stream position identifies the message; without one, its bytes do.
+    // The owner and the stream position identify the dead letter (two functions fed the
+    // same message each keep theirs); without a position, the message's bytes do.
     let dedup = match &record.source {
-        Some(source) => format!("dlq:{source}"),
+        Some(source) => format!("dlq:{owner}:{source}"),
         None => format!("dlq:{owner}:{}", payload_digest(&msg.payload)),
     };
     headers.insert(async_nats::header::NATS_MESSAGE_ID, dedup.as_str());

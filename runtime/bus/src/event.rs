@@ -28,6 +28,11 @@ pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 pub const PARTITION_KEY: &str = "partitionkey";
 
 const CE_PREFIX: &str = "ce-";
+/// Longest attribute value accepted, in bytes. CloudEvents sets no limit, but every
+/// attribute travels as a header (and ids end up in the stream's de-duplication window),
+/// so an unbounded one is refused up front as a permanent, named error.
+pub const MAX_ATTRIBUTE_LEN: usize = 4096;
+
 /// Attributes with their own struct field; everything else `ce-*` is an extension.
 const CORE_ATTRIBUTES: [&str; 8] = [
     "id",
@@ -46,6 +51,13 @@ pub enum EventError {
     /// The message has no headers at all and is not structured mode.
     #[error("not a CloudEvent: no ce-* headers and no {STRUCTURED_CONTENT_TYPE} body")]
     NotACloudEvent,
+    /// The message's header block could not be read in full (invalid UTF-8, a line
+    /// without a colon…); the client kept the connection and marked the message.
+    #[error("malformed NATS headers: {reason}")]
+    MalformedHeaders {
+        /// What the client's parser found wrong.
+        reason: String,
+    },
     /// A required attribute is absent or empty.
     #[error("missing required CloudEvents attribute {attribute:?}")]
     MissingAttribute {
@@ -161,51 +173,97 @@ impl CloudEvent {
         serde_json::from_slice(&self.data)
     }
 
-    /// Check the attributes this type cannot rule out by construction.
+    /// Check every attribute against the CloudEvents rules and what a NATS header can
+    /// carry, so that nothing built from a valid event can fail (or panic) later.
+    ///
+    /// This is the one gate: decoding (both modes), publishing, requesting and every
+    /// producer of outputs (functions, services, the gateway) call it before a header is
+    /// built. `id`, `source` and `type` must be non-empty; every value is at most
+    /// [`MAX_ATTRIBUTE_LEN`] bytes and has no control characters (a CR or LF would end
+    /// the header line; the CloudEvents type system has no use for the rest).
     pub fn validate(&self) -> Result<()> {
-        if self.id.is_empty() {
-            return Err(EventError::MissingAttribute { attribute: "id" });
+        let required = [
+            ("id", self.id.as_str()),
+            ("source", self.source.as_str()),
+            ("type", self.ty.as_str()),
+        ];
+        for (attribute, value) in required {
+            if value.is_empty() {
+                return Err(EventError::MissingAttribute { attribute });
+            }
+            validate_value(attribute, value)?;
         }
-        if self.source.is_empty() {
-            return Err(EventError::MissingAttribute {
-                attribute: "source",
-            });
-        }
-        if self.ty.is_empty() {
-            return Err(EventError::MissingAttribute { attribute: "type" });
+        let optional = [
+            ("datacontenttype", &self.data_content_type),
+            ("dataschema", &self.data_schema),
+            ("subject", &self.subject),
+        ];
+        for (attribute, value) in optional {
+            if let Some(value) = value {
+                validate_value(attribute, value)?;
+            }
         }
         for (name, value) in &self.extensions {
             validate_extension_name(name)?;
-            if value.contains(['\r', '\n']) {
-                return Err(EventError::InvalidAttribute {
-                    attribute: name.clone(),
-                    reason: "line breaks cannot travel in a header".into(),
-                });
-            }
+            validate_value(name, value)?;
         }
         Ok(())
     }
 
+    /// The JetStream `Nats-Msg-Id` under which this event is stored: unique by
+    /// construction, because CloudEvents ids are unique only within their `source`.
+    /// Two producers that happen to pick the same id never de-duplicate each other,
+    /// while a retried publish of the same event (same source, same id) is stored once.
+    #[must_use]
+    pub fn dedup_id(&self) -> String {
+        dedup_id("event", &[self.source.as_bytes(), self.id.as_bytes()])
+    }
+
+    /// The `Nats-Msg-Id` of the `index`th output that `producer` (a function name, a
+    /// service) made from handling this event: unique per (producer, input, position), so
+    /// two functions triggered by the same input never drop each other's outputs, while a
+    /// redelivered input stores each of its outputs once. The producer is the stable
+    /// identity (the function's name, not its version), so a redelivery that a canary
+    /// split sends to another version is still recognised.
+    #[must_use]
+    pub fn output_dedup_id(&self, producer: &str, index: usize) -> String {
+        let index = index.to_string();
+        dedup_id(
+            "output",
+            &[
+                producer.as_bytes(),
+                self.source.as_bytes(),
+                self.id.as_bytes(),
+                index.as_bytes(),
+            ],
+        )
+    }
+
     /// Write the event as binary-mode headers into `headers` (the body is [`Self::data`]).
+    ///
+    /// Meant for a [validated](Self::validate) event. It never panics on one that is not:
+    /// a value the header encoding cannot carry has its line breaks replaced and an
+    /// extension name that is not a header name is left out, so a bug upstream costs a
+    /// mangled attribute, not the process.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        headers.insert("ce-specversion", SPEC_VERSION);
-        headers.insert("ce-id", self.id.as_str());
-        headers.insert("ce-source", self.source.as_str());
-        headers.insert("ce-type", self.ty.as_str());
+        put(headers, "ce-specversion", SPEC_VERSION);
+        put(headers, "ce-id", &self.id);
+        put(headers, "ce-source", &self.source);
+        put(headers, "ce-type", &self.ty);
         if let Some(time) = self.time.and_then(|t| t.format(&Rfc3339).ok()) {
-            headers.insert("ce-time", time.as_str());
+            put(headers, "ce-time", &time);
         }
         if let Some(ct) = &self.data_content_type {
-            headers.insert(CONTENT_TYPE_HEADER, ct.as_str());
+            put(headers, CONTENT_TYPE_HEADER, ct);
         }
         if let Some(schema) = &self.data_schema {
-            headers.insert("ce-dataschema", schema.as_str());
+            put(headers, "ce-dataschema", schema);
         }
         if let Some(subject) = &self.subject {
-            headers.insert("ce-subject", subject.as_str());
+            put(headers, "ce-subject", subject);
         }
         for (name, value) in &self.extensions {
-            headers.insert(format!("{CE_PREFIX}{name}").as_str(), value.as_str());
+            put(headers, &format!("{CE_PREFIX}{name}"), value);
         }
     }
 
@@ -219,6 +277,12 @@ impl CloudEvent {
 
     /// Read an event from a NATS message's headers and body, in either content mode.
     pub fn from_message(headers: Option<&HeaderMap>, payload: &Bytes) -> Result<Self> {
+        if let Some(reason) = headers.and_then(|h| h.get(async_nats::connection::MALFORMED_HEADERS))
+        {
+            return Err(EventError::MalformedHeaders {
+                reason: reason.as_str().to_owned(),
+            });
+        }
         let attrs = headers.map(lowercase_headers).unwrap_or_default();
         let content_type = attrs.get("content-type").map(String::as_str);
         if content_type.is_some_and(|ct| media_type(ct) == STRUCTURED_CONTENT_TYPE) {
@@ -391,6 +455,52 @@ impl CloudEvent {
         });
         self
     }
+}
+
+/// Insert one header without any of async-nats' panicking conversions.
+fn put(headers: &mut HeaderMap, name: &str, value: &str) {
+    use async_nats::header::{HeaderName, HeaderValue};
+    use std::str::FromStr as _;
+    let Ok(name) = HeaderName::from_str(name) else {
+        return;
+    };
+    let value = HeaderValue::from_str(value)
+        .unwrap_or_else(|_| HeaderValue::from(value.replace(['\r', '\n'], " ").as_str()));
+    headers.insert(name, value);
+}
+
+/// A de-duplication id: a kind tag and a hash of length-prefixed parts (so no choice of
+/// parts can collide with another by shifting a separator), short and header-safe
+/// whatever the parts contain.
+fn dedup_id(kind: &str, parts: &[&[u8]]) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    format!("{kind}-{}", hex::encode(&digest[..16]))
+}
+
+fn validate_value(attribute: &str, value: &str) -> Result<()> {
+    let invalid = |reason: String| EventError::InvalidAttribute {
+        attribute: attribute.to_owned(),
+        reason,
+    };
+    if value.len() > MAX_ATTRIBUTE_LEN {
+        return Err(invalid(format!(
+            "{} bytes, more than the {MAX_ATTRIBUTE_LEN} allowed",
+            value.len()
+        )));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!(
+            "contains the control character {:?}; attribute values travel as header lines",
+            c
+        )));
+    }
+    Ok(())
 }
 
 fn validate_extension_name(name: &str) -> Result<()> {

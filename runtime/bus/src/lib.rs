@@ -8,7 +8,8 @@
 //! ([`dlq`]), the NATS micro discovery every component answers ([`discovery`]), the
 //! request-side resilience mechanisms, policies and request loop ([`resilience`]), and
 //! what every durable consumer loop does alike ([`pull`]: drain hand-back, redelivery
-//! backoff). It does not own any business subject (those live in `patchbay-protocol`),
+//! backoff, panic containment), and the hop chains that stop event loops ([`hops`]).
+//! It does not own any business subject (those live in `patchbay-protocol`),
 //! any stream layout (that is `deploy/streams.toml`) or telemetry set-up
 //! (`patchbay-telemetry`).
 
@@ -28,6 +29,8 @@ pub mod discovery;
 pub mod dlq;
 #[cfg(feature = "client")]
 pub mod event;
+#[cfg(feature = "client")]
+pub mod hops;
 #[cfg(feature = "client")]
 pub mod pull;
 #[cfg(feature = "client")]

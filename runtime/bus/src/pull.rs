@@ -1,7 +1,10 @@
 //! What every durable consumer loop of the platform does the same way: hand back messages
 //! it pulled but will not start (so another instance takes them at once), and pace
-//! redeliveries of failed ones.
+//! redeliveries of failed ones, and contain a panic in the handling of one delivery so that
+//! it ends as a dead letter instead of a silent loss after the last redelivery.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
@@ -27,6 +30,35 @@ where
     released
 }
 
+/// Run the handling of one delivery, turning a panic into `Err(message)`.
+///
+/// A panic would otherwise kill the handler's task with the message unacked: the server
+/// redelivers it, the handler panics again, and after the last allowed delivery the
+/// message is gone with no dead letter. Callers dead-letter on `Err` (with the panic
+/// message as the reason), so "a bug in the handler" costs that one message a place in
+/// the DLQ, where it can be inspected and replayed once fixed.
+///
+/// Unwind safety: the future's state is dropped on a panic and never observed again;
+/// what it shares with the rest of the process (metrics, the bus) is either lock-free or
+/// behind locks that poison, so nothing half-updated is read as if whole.
+pub async fn contain_panic<F: Future>(handling: F) -> Result<F::Output, String> {
+    AssertUnwindSafe(handling)
+        .catch_unwind()
+        .await
+        .map_err(|panic| panic_message(panic.as_ref()))
+}
+
+/// The text of a panic payload (`panic!("…")` gives a `&str` or a `String`).
+#[must_use]
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-text payload".to_owned());
+    format!("panicked while handling the delivery: {text}")
+}
+
 /// Delay before redelivering a failed message on its `delivered`-th delivery: at least
 /// `requested` (what the handler asked for), at least 100 ms doubling per delivery, at
 /// most 30 s.
@@ -39,7 +71,22 @@ pub fn redelivery_backoff(delivered: u64, requested: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_handling_becomes_an_error_with_its_message() {
+        let calm = contain_panic(async { 7 }).await;
+        assert_eq!(calm, Ok(7));
+        let panicked = contain_panic(async {
+            if calm.is_ok() {
+                panic!("bad header {:?}", "x\ny");
+            }
+        })
+        .await;
+        let message = panicked.unwrap_err();
+        assert!(message.contains("bad header"), "{message}");
+    }
 
     #[test]
     fn backoff_doubles_per_delivery_within_bounds_and_honours_requests() {

@@ -60,6 +60,11 @@ pub enum BadInput {
         /// Call id in the body.
         body: String,
     },
+    /// Handling the call panicked (a bug): the call is dead-lettered with the panic
+    /// message rather than redelivered until the server gives up on it.
+    Panicked(String),
+    /// The call has passed through more handlers than the hop limit allows (a loop).
+    HopLimit(String),
 }
 
 impl BadInput {
@@ -73,6 +78,8 @@ impl BadInput {
             Self::MissingCallId => "missing-call-id",
             Self::InvalidCallId(_) => "invalid-call-id",
             Self::Mismatch { .. } => "mismatch",
+            Self::Panicked(_) => "panic",
+            Self::HopLimit(_) => "hop-limit",
         }
     }
 }
@@ -82,6 +89,7 @@ impl std::fmt::Display for BadInput {
         match self {
             Self::Subject(s) => write!(f, "not an incoming-call subject: {s}"),
             Self::Envelope(e) => write!(f, "not a CloudEvent: {e}"),
+            Self::Panicked(reason) | Self::HopLimit(reason) => f.write_str(reason),
             Self::Json(e) => write!(f, "data is not a JSON call: {e}"),
             Self::MissingCallId => f.write_str("data has no call_id"),
             Self::InvalidCallId(e) => write!(f, "call_id is not a valid subject token: {e}"),
@@ -141,11 +149,13 @@ pub fn decode(
     Ok(Incoming { event, call, token })
 }
 
-/// The id of the decision event for the incoming event `input_id` (also its
-/// `Nats-Msg-Id`), the same whatever the decision, so only the first one is stored.
+/// The id of the decision event for the incoming event `input` (also its
+/// `Nats-Msg-Id`): the same whatever the decision and whichever routing instance makes
+/// it, so only the first one is stored; and unique per input (source and id), so two
+/// telephony adapters that reuse an id never shadow each other's calls.
 #[must_use]
-pub fn decision_id(input_id: &str) -> String {
-    format!("routing-{input_id}")
+pub fn decision_id(input: &CloudEvent) -> String {
+    input.output_dedup_id("routing", 0)
 }
 
 /// How the customer lookup went.
@@ -294,85 +304,122 @@ impl Router {
         };
         let subject = msg.subject.to_string();
         let span = self.bus.process_delivery(&msg);
-        async move {
-            let incoming = match decode(&self.cc, &subject, msg.headers.as_ref(), &msg.payload) {
-                Ok(incoming) => incoming,
-                Err(bad) => return self.reject(&msg, &bad, &position).await,
-            };
-            // A garbled deadline does not stop a call from being routed: it only bounds
-            // the lookup, which then gets its own timeout.
-            let deadline = Deadline::from_headers(msg.headers.as_ref()).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "ignoring an invalid deadline header");
-                None
-            });
-            let lookup = self.lookup(&incoming.call, deadline).await;
-            let customer = match &lookup {
-                LookupOutcome::Ok(info) => Some(info),
-                _ => None,
-            };
-            let lookup_ok = customer.is_some();
-            let rules = self.rules.current();
-            let at_ms = self.bus.clock().now_millis();
-            let now = i64::try_from(at_ms)
-                .ok()
-                .and_then(DateTime::from_timestamp_millis)
-                .unwrap_or_else(Utc::now);
-            let decision = rules.decide(&incoming.call, customer, now);
-            let (outcome, rule) = (decision.outcome(), decision.rule().to_owned());
-            if !lookup_ok {
+        let chain = match self.bus.enter_hop(msg.headers.as_ref(), "service/routing") {
+            Ok(chain) => chain,
+            Err(refused) => {
+                let bad = BadInput::HopLimit(refused.to_string());
+                return self.reject(&msg, &bad, &position).instrument(span).await;
+            }
+        };
+        let handled = patchbay_bus::pull::contain_panic(patchbay_bus::hops::scope(
+            chain,
+            self.decide(&msg, delivered, &subject, &position, started)
+                .instrument(span.clone()),
+        ))
+        .await;
+        if let Err(reason) = handled {
+            tracing::error!(parent: &span, %reason, "routing a call panicked; dead-lettering it");
+            self.reject(&msg, &BadInput::Panicked(reason), &position)
+                .await;
+        }
+    }
+
+    /// Route one delivered call: decode, look up, decide, publish, ack (or retry/reject).
+    async fn decide(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        delivered: u64,
+        subject: &str,
+        position: &str,
+        started: Instant,
+    ) {
+        let incoming = match decode(&self.cc, subject, msg.headers.as_ref(), &msg.payload) {
+            Ok(incoming) => incoming,
+            Err(bad) => return self.reject(msg, &bad, position).await,
+        };
+        // A garbled deadline does not stop a call from being routed: it only bounds
+        // the lookup, which then gets its own timeout.
+        let deadline = Deadline::from_headers(msg.headers.as_ref()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "ignoring an invalid deadline header");
+            None
+        });
+        let lookup = self.lookup(&incoming.call, deadline).await;
+        let customer = match &lookup {
+            LookupOutcome::Ok(info) => Some(info),
+            _ => None,
+        };
+        let lookup_ok = customer.is_some();
+        let rules = self.rules.current();
+        let at_ms = self.bus.clock().now_millis();
+        let now = i64::try_from(at_ms)
+            .ok()
+            .and_then(DateTime::from_timestamp_millis)
+            .unwrap_or_else(Utc::now);
+        let decision = rules.decide(&incoming.call, customer, now);
+        let (outcome, rule) = (decision.outcome(), decision.rule().to_owned());
+        if !lookup_ok {
+            self.metrics
+                .lookup_fallbacks
+                .with_label_values::<&str>(&[])
+                .inc();
+        }
+        let (event, output) = match decision.into_event(&incoming.call, lookup_ok, at_ms) {
+            DecisionEvent::Routed(routed) => (
+                CloudEvent::new(self.bus.source(), CallRouted::TYPE).json(&routed),
+                CallEvent::Routed,
+            ),
+            DecisionEvent::Closed(closed) => (
+                CloudEvent::new(self.bus.source(), CallClosed::TYPE).json(&closed),
+                CallEvent::Closed,
+            ),
+        };
+        let event = match event {
+            Ok(event) => event
+                .id(decision_id(&incoming.event))
+                .partition_key(incoming.call.call_id.as_str()),
+            Err(e) => {
+                // Serialising plain structs cannot fail; if it ever did, retrying
+                // would not help, but losing the call is worse: leave it to redelivery.
+                tracing::error!(error = %e, "cannot encode the decision");
+                return self.retry(msg, delivered, "encode").await;
+            }
+        };
+        let out_subject = self.cc.call(&incoming.token, output);
+        match self
+            .bus
+            .publish_durable_with_id(&out_subject, &event, &event.id, None)
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(error = %e, "ack not confirmed; a redelivery will be de-duplicated");
+                }
                 self.metrics
-                    .lookup_fallbacks
+                    .decisions
+                    .with_label_values(&[outcome, rule.as_str()])
+                    .inc();
+                self.metrics
+                    .decision_duration
+                    .with_label_values(&[outcome])
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    call = %incoming.token,
+                    outcome,
+                    rule = %rule,
+                    lookup = lookup.label(),
+                    subject = %out_subject,
+                    "call decided"
+                );
+            }
+            Err(e) => {
+                self.metrics
+                    .publish_errors
                     .with_label_values::<&str>(&[])
                     .inc();
-            }
-            let (event, output) = match decision.into_event(&incoming.call, lookup_ok, at_ms) {
-                DecisionEvent::Routed(routed) => {
-                    (CloudEvent::new(self.bus.source(), CallRouted::TYPE).json(&routed), CallEvent::Routed)
-                }
-                DecisionEvent::Closed(closed) => {
-                    (CloudEvent::new(self.bus.source(), CallClosed::TYPE).json(&closed), CallEvent::Closed)
-                }
-            };
-            let event = match event {
-                Ok(event) => event
-                    .id(decision_id(&incoming.event.id))
-                    .partition_key(incoming.call.call_id.as_str()),
-                Err(e) => {
-                    // Serialising plain structs cannot fail; if it ever did, retrying
-                    // would not help, but losing the call is worse: leave it to redelivery.
-                    tracing::error!(error = %e, "cannot encode the decision");
-                    return self.retry(&msg, delivered, "encode").await;
-                }
-            };
-            let out_subject = self.cc.call(&incoming.token, output);
-            match self.bus.publish_durable(&out_subject, &event, None).await {
-                Ok(_) => {
-                    if let Err(e) = msg.double_ack().await {
-                        tracing::warn!(error = %e, "ack not confirmed; a redelivery will be de-duplicated");
-                    }
-                    self.metrics.decisions.with_label_values(&[outcome, rule.as_str()]).inc();
-                    self.metrics
-                        .decision_duration
-                        .with_label_values(&[outcome])
-                        .observe(started.elapsed().as_secs_f64());
-                    tracing::info!(
-                        call = %incoming.token,
-                        outcome,
-                        rule = %rule,
-                        lookup = lookup.label(),
-                        subject = %out_subject,
-                        "call decided"
-                    );
-                }
-                Err(e) => {
-                    self.metrics.publish_errors.with_label_values::<&str>(&[]).inc();
-                    tracing::warn!(error = %e, subject = %out_subject, "cannot store the decision");
-                    self.retry(&msg, delivered, "publish").await;
-                }
+                tracing::warn!(error = %e, subject = %out_subject, "cannot store the decision");
+                self.retry(msg, delivered, "publish").await;
             }
         }
-        .instrument(span)
-        .await;
     }
 
     /// Nak with a delay growing per delivery (100 ms doubling, at most 30 s).
@@ -561,8 +608,19 @@ mod tests {
 
     #[test]
     fn decision_ids_depend_only_on_the_input() {
-        assert_eq!(decision_id("abc"), decision_id("abc"));
-        assert_ne!(decision_id("abc"), decision_id("abd"));
+        let input = |source: &str, id: &str| CloudEvent::new(source, "t").id(id);
+        assert_eq!(
+            decision_id(&input("/a", "abc")),
+            decision_id(&input("/a", "abc"))
+        );
+        assert_ne!(
+            decision_id(&input("/a", "abc")),
+            decision_id(&input("/a", "abd"))
+        );
+        assert_ne!(
+            decision_id(&input("/a", "abc")),
+            decision_id(&input("/b", "abc"))
+        );
     }
 
     fn function_reply(body: serde_json::Value, outcome: &str) -> (HeaderMap, Bytes) {

@@ -110,7 +110,11 @@ pub(crate) async fn handle_core(
 ) {
     let span = node.bus.process_span(&msg.subject, msg.headers.as_ref());
     async move {
-        let event = match decode(&msg) {
+        let chain = node
+            .bus
+            .enter_hop(msg.headers.as_ref(), &format!("fn/{}", f.name))
+            .map_err(|refused| refused.to_string());
+        let event = match chain.and_then(|chain| Ok((chain, decode(&msg)?))) {
             Ok(decoded) => decoded,
             Err(reason) => {
                 node.metrics
@@ -130,16 +134,34 @@ pub(crate) async fn handle_core(
                 return;
             }
         };
-        let (event, deadline) = event;
-        let outcome = node.invoke(&f, &msg.subject, event, deadline, kind).await;
-        match (&msg.reply, outcome) {
-            (Some(reply), outcome) => send_reply(&node, reply, &reply_body(&f, outcome)).await,
-            (None, Outcome::Ok(outputs)) => publish_core(&node, &outputs, deadline).await,
-            (None, Outcome::Failure(failure)) => {
-                tracing::info!(?failure, "function declined a fire-and-forget event")
+        let (chain, (event, deadline)) = event;
+        let handled = patchbay_bus::pull::contain_panic(patchbay_bus::hops::scope(chain, async {
+            let outcome = node.invoke(&f, &msg.subject, event, deadline, kind).await;
+            match (&msg.reply, outcome) {
+                (Some(reply), outcome) => {
+                    send_reply(&node, reply, &reply_body(&f, outcome)).await;
+                }
+                (None, Outcome::Ok(outputs)) => publish_core(&node, &outputs, deadline).await,
+                (None, Outcome::Failure(failure)) => {
+                    tracing::info!(?failure, "function declined a fire-and-forget event");
+                }
+                (None, Outcome::Error(kind, message)) => {
+                    tracing::warn!(?kind, %message, "invocation failed");
+                }
             }
-            (None, Outcome::Error(kind, message)) => {
-                tracing::warn!(?kind, %message, "invocation failed")
+        }))
+        .await;
+        if let Err(reason) = handled {
+            // At most once: nothing to redeliver, but the sender hears why.
+            tracing::error!(%reason, "handling a message panicked");
+            if let Some(reply) = &msg.reply {
+                let body = InvokeReply::Error {
+                    function: f.name.to_string(),
+                    version: Some(f.spec.version),
+                    kind: ErrorKind::Internal,
+                    message: reason,
+                };
+                send_reply(&node, reply, &body).await;
             }
         }
     }
@@ -224,8 +246,10 @@ pub(crate) async fn publish_core(
 }
 
 /// Publish outputs durably: into the stream that captures each subject with a
-/// `Nats-Msg-Id` derived from the input id and the output's index, so a redelivered input
-/// stores each output once. Subjects no stream captures go out with core NATS.
+/// `Nats-Msg-Id` derived from the function, the input (its source and id) and the
+/// output's index ([`CloudEvent::output_dedup_id`]), so a redelivered input stores each
+/// output once while two functions fed the same input never drop each other's outputs.
+/// Subjects no stream captures go out with core NATS.
 ///
 /// Which subjects a stream captures comes from the version's spec, resolved by `fn
 /// deploy` (workloads may not list streams). Trying JetStream first is no substitute: on
@@ -234,7 +258,7 @@ pub(crate) async fn publish_core(
 pub(crate) async fn publish_durable(
     node: &Node,
     f: &Deployed,
-    input_id: &str,
+    input: &CloudEvent,
     outputs: &[(String, CloudEvent)],
     deadline: Option<Deadline>,
 ) -> Result<(), String> {
@@ -245,7 +269,7 @@ pub(crate) async fn publish_durable(
             .iter()
             .any(|filter| crate::capabilities::subject_matches(filter, subject));
         if stored {
-            let msg_id = format!("{input_id}:{index}");
+            let msg_id = input.output_dedup_id(f.name.as_str(), index);
             node.bus
                 .publish_durable_with_id(subject, event, &msg_id, deadline)
                 .await

@@ -49,7 +49,7 @@ impl TriggerLoop for StreamTrigger {
             .map_err(|e| format!("consumer {consumer_name} on {}: {e}", self.stream))?;
         let batch = node
             .function(self.function.as_str())
-            .map_or(16, |f| f.spec.limits.max_concurrency.clamp(1, 256) as usize);
+            .map_or(16, |f| f.concurrency.clamp(1, 256) as usize);
         let lag = tokio::spawn(sample_lag(
             Arc::clone(&node),
             consumer.clone(),
@@ -75,6 +75,11 @@ impl TriggerLoop for StreamTrigger {
                     Err(_) => break,
                 },
             };
+            // Nor before the node's memory budget has room to start it.
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = node.wait_for_memory(self.function.as_str()) => {}
+            }
             let msg = tokio::select! {
                 () = stop.cancelled() => break,
                 msg = messages.next() => match msg {
@@ -135,54 +140,94 @@ pub(super) async fn handle(
         crate::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject).to_owned();
     let span = node.bus.process_delivery(&msg);
     async move {
-        let max_deliver = u64::from(f.spec.limits.max_deliver.max(1));
-        let (event, deadline) = match decode(&msg) {
-            Ok(decoded) => decoded,
-            Err(reason) => {
-                node.metrics
-                    .bad_input
-                    .with_label_values(&[f.name.as_str(), kind])
-                    .inc();
+        // An event that has passed through too many handlers is a loop: stop it here,
+        // with the chain that shows where it went.
+        let chain = match node
+            .bus
+            .enter_hop(msg.headers.as_ref(), &format!("fn/{}", f.name))
+        {
+            Ok(chain) => chain,
+            Err(refused) => {
+                let reason = refused.to_string();
+                tracing::warn!(%reason, "refused an event at the hop limit");
                 return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
             }
         };
-        let input_id = event.id.clone();
-        let outcome = node.invoke(&f, &subject, event, deadline, kind).await;
-        // What is left after the outcomes that end here: a retry (requested delay, reason).
-        let (requested_ms, reason) = match outcome {
-            Outcome::Ok(outputs) => match publish_durable(&node, &f, &input_id, &outputs, deadline).await {
-                Ok(()) => {
-                    if let Err(e) = msg.double_ack().await {
-                        tracing::warn!(error = %e, "ack not confirmed; the message may be redelivered (outputs are de-duplicated)");
-                    }
-                    return;
-                }
-                Err(e) => (0, format!("cannot publish outputs: {e}")),
-            },
-            Outcome::Failure(FailureReply::Drop { reason }) => {
-                tracing::info!(%reason, "function dropped the event");
-                let _ = msg.double_ack().await;
-                return;
-            }
-            Outcome::Failure(FailureReply::DeadLetter { reason }) => {
-                return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
-            }
-            Outcome::Failure(FailureReply::Retry { after_ms, reason }) => (after_ms, reason),
-            Outcome::Error(kind, message) => (0, format!("{}: {message}", crate::node::error_label(kind))),
-        };
-        if delivered >= max_deliver {
-            let reason = format!("gave up after {delivered} attempts: {reason}");
-            return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
-        }
-        let delay =
-            patchbay_bus::pull::redelivery_backoff(delivered, Duration::from_millis(requested_ms));
-        tracing::info!(%reason, attempt = delivered, ?delay, "will retry");
-        if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-            tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+        let handled = patchbay_bus::pull::contain_panic(patchbay_bus::hops::scope(
+            chain,
+            handle_delivery(&node, &f, &msg, kind, delivered, &subject, &source),
+        ))
+        .await;
+        if let Err(reason) = handled {
+            tracing::error!(%reason, "handling a delivery panicked");
+            dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
         }
     }
     .instrument(span)
     .await;
+}
+
+/// One delivery from decode to ack, nak or dead letter.
+async fn handle_delivery(
+    node: &Arc<Node>,
+    f: &Arc<Deployed>,
+    msg: &async_nats::jetstream::Message,
+    kind: &'static str,
+    delivered: u64,
+    subject: &str,
+    source: &str,
+) {
+    let max_deliver = u64::from(f.spec.limits.max_deliver.max(1));
+    let (event, deadline) = match decode(msg) {
+        Ok(decoded) => decoded,
+        Err(reason) => {
+            node.metrics
+                .bad_input
+                .with_label_values(&[f.name.as_str(), kind])
+                .inc();
+            return dead_letter(node, f, msg, delivered, &reason, source).await;
+        }
+    };
+    // What names the input in its outputs' de-dup ids; the data is not needed.
+    let input = patchbay_bus::CloudEvent {
+        data: bytes::Bytes::new(),
+        ..event.clone()
+    };
+    let outcome = node.invoke(f, subject, event, deadline, kind).await;
+    // What is left after the outcomes that end here: a retry (requested delay, reason).
+    let (requested_ms, reason) = match outcome {
+        Outcome::Ok(outputs) => match publish_durable(node, f, &input, &outputs, deadline).await {
+            Ok(()) => {
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(error = %e, "ack not confirmed; the message may be redelivered (outputs are de-duplicated)");
+                }
+                return;
+            }
+            Err(e) => (0, format!("cannot publish outputs: {e}")),
+        },
+        Outcome::Failure(FailureReply::Drop { reason }) => {
+            tracing::info!(%reason, "function dropped the event");
+            let _ = msg.double_ack().await;
+            return;
+        }
+        Outcome::Failure(FailureReply::DeadLetter { reason }) => {
+            return dead_letter(node, f, msg, delivered, &reason, source).await;
+        }
+        Outcome::Failure(FailureReply::Retry { after_ms, reason }) => (after_ms, reason),
+        Outcome::Error(kind, message) => {
+            (0, format!("{}: {message}", crate::node::error_label(kind)))
+        }
+    };
+    if delivered >= max_deliver {
+        let reason = format!("gave up after {delivered} attempts: {reason}");
+        return dead_letter(node, f, msg, delivered, &reason, source).await;
+    }
+    let delay =
+        patchbay_bus::pull::redelivery_backoff(delivered, Duration::from_millis(requested_ms));
+    tracing::info!(%reason, attempt = delivered, ?delay, "will retry");
+    if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::warn!(error = %e, "nak failed; the message will be redelivered after ack_wait");
+    }
 }
 
 /// Every 5 s, the consumer's lag (not yet delivered) and unacked count as gauges, so an
