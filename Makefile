@@ -13,7 +13,7 @@ export PATCHBAY_NATS_SERVER ?= $(PATCHBAY_TOOLS)/venv/bin/nats-server
 export PATCHBAY_COMPONENTS ?= $(CURDIR)/build/components
 CARGO ?= cargo
 
-.PHONY: help tools nats test-tools bench-tools wasm wasm-toolchain wasm-route-b wasm-test build build-release test test-only lint fmt up bench clean
+.PHONY: help tools nats test-tools bench-tools wasm wasm-toolchain wasm-route-b wasm-test build build-release test test-only lint fmt fuzz up bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ build-release:
 
 test: nats test-tools wasm wasm-route-b build wasm-test ## install what is missing, build everything, run all tests
 	$(CARGO) test --workspace --no-fail-fast
+
+fuzz: ## the property targets (CloudEvents, header blocks, hop chains, subjects) with many more cases
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test --release -p patchbay-bus --test properties
 
 lint: ## formatting and clippy, as CI checks them
 	$(CARGO) fmt --all -- --check

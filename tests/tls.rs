@@ -297,3 +297,80 @@ async fn reports_an_unreachable_server() {
         "the message names the address: {err}"
     );
 }
+
+/// The next notice on `notices` that contains `text` (within [`LIMIT`]).
+async fn notice_containing(
+    notices: &mut tokio::sync::broadcast::Receiver<patchbay_bus::BusNotice>,
+    text: &str,
+) -> String {
+    next_notice(notices, text, |notice| notice.contains(text)).await
+}
+
+async fn next_notice(
+    notices: &mut tokio::sync::broadcast::Receiver<patchbay_bus::BusNotice>,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let notice = notices.recv().await.unwrap().to_string();
+            if wanted(&notice) {
+                return notice;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no notice {what:?} within {LIMIT:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_used_without_a_restart_and_an_expired_or_foreign_one_is_refused()
+{
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let now = OffsetDateTime::now_utc();
+    let fresh = || {
+        Validity::between(
+            now - time::Duration::hours(1),
+            now + time::Duration::days(1),
+        )
+    };
+    let config = issue_from_stack_ca(&stack, "service/routing", dir.path(), fresh())
+        .cert_reload(Some(Duration::from_millis(100)));
+    let bus = patchbay_bus::connect(&config).await.unwrap();
+    let mut notices = bus.notices();
+    let works = || async {
+        tokio::time::timeout(LIMIT, bus.jetstream().query_account())
+            .await
+            .expect("JetStream answers in time")
+            .expect("routing may ask $JS.API.INFO");
+    };
+
+    // An expired renewal is refused: the current pair stays and the connection carries on.
+    let expired = Validity::between(
+        now - time::Duration::days(10),
+        now - time::Duration::days(1),
+    );
+    issue_from_stack_ca(&stack, "service/routing", dir.path(), expired);
+    let refusal = notice_containing(&mut notices, "refused").await;
+    assert!(refusal.contains("not valid now"), "{refusal}");
+    assert_eq!(bus.certificate_renewals(), 0);
+    works().await;
+
+    // So is a certificate for another identity: rotation renews, it never changes who we are.
+    let other = tempfile::tempdir().unwrap();
+    let agents = issue_from_stack_ca(&stack, "service/agents", other.path(), fresh());
+    std::fs::copy(&agents.cert, &config.cert).unwrap();
+    std::fs::copy(&agents.key, &config.key).unwrap();
+    let refusal = notice_containing(&mut notices, "refused").await;
+    assert!(refusal.contains("service/agents"), "{refusal}");
+    assert_eq!(bus.certificate_renewals(), 0);
+    works().await;
+
+    // A renewed pair for the same identity is swapped in and the client reconnects with it.
+    issue_from_stack_ca(&stack, "service/routing", dir.path(), fresh());
+    notice_containing(&mut notices, "renewed").await;
+    next_notice(&mut notices, "connected", |n| n == "connected").await;
+    assert_eq!(bus.certificate_renewals(), 1);
+    works().await;
+}

@@ -32,6 +32,10 @@ pub struct BusArgs {
     /// refused as a loop: dead-lettered on streams, an error reply on core subjects.
     #[arg(long = "max-hops", env = "PATCHBAY_MAX_HOPS", default_value_t = crate::hops::DEFAULT_MAX_HOPS)]
     pub max_hops: usize,
+    /// How often to look for a renewed certificate and key in the files above and
+    /// reconnect with them (`0s`: never), e.g. `30s`.
+    #[arg(long = "cert-reload-interval", env = "PATCHBAY_CERT_RELOAD_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub cert_reload_interval: std::time::Duration,
 }
 
 impl BusArgs {
@@ -40,7 +44,8 @@ impl BusArgs {
         let mut config = BusConfig::new("", &self.ca, &self.cert, &self.key)
             .name(name)
             .subjects(Subjects::new(self.subject_prefix.clone())?)
-            .max_hops(self.max_hops);
+            .max_hops(self.max_hops)
+            .cert_reload(Some(self.cert_reload_interval).filter(|d| !d.is_zero()));
         config.servers.clone_from(&self.nats);
         Ok(config)
     }

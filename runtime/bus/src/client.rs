@@ -15,8 +15,8 @@ use async_nats::jetstream;
 use async_nats::{Client, ConnectOptions, HeaderMap, Message};
 use bytes::Bytes;
 use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use tokio::sync::broadcast;
 use tracing::Instrument as _;
@@ -54,6 +54,9 @@ pub struct BusConfig {
     /// Most handlers one event may pass through before a handler refuses it (see
     /// [`crate::hops`]): stops a function whose output triggers itself.
     pub max_hops: usize,
+    /// How often to look for a renewed certificate and key in [`Self::cert`] and
+    /// [`Self::key`] (see [`crate::rotation`]); `None` never looks.
+    pub cert_reload: Option<Duration>,
 }
 
 impl BusConfig {
@@ -77,7 +80,15 @@ impl BusConfig {
             subscription_capacity: 64 * 1024,
             metrics: None,
             max_hops: crate::hops::DEFAULT_MAX_HOPS,
+            cert_reload: Some(Duration::from_secs(30)),
         }
+    }
+
+    /// Look for a renewed certificate every `every` (`None`: never).
+    #[must_use]
+    pub fn cert_reload(mut self, every: Option<Duration>) -> Self {
+        self.cert_reload = every;
+        self
     }
 
     /// Set the hop limit (see [`crate::hops`]).
@@ -188,6 +199,16 @@ pub enum ConnectError {
         /// End of validity.
         not_after: String,
     },
+    /// A renewed certificate names another identity than the connection was made with.
+    #[error("renewed certificate {path} is for {now}, but this connection is {was}")]
+    IdentityChanged {
+        /// The certificate file.
+        path: PathBuf,
+        /// The identity the connection has.
+        was: String,
+        /// The identity the new certificate carries.
+        now: String,
+    },
     /// rustls refused the configuration (e.g. the key does not match the certificate).
     #[error("invalid TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
@@ -208,9 +229,10 @@ impl ConnectError {
     #[must_use]
     pub fn kind(&self) -> ConnectErrorKind {
         match self {
-            Self::ReadFile { .. } | Self::BadPem { .. } | Self::TlsConfig(_) => {
-                ConnectErrorKind::Credentials
-            }
+            Self::ReadFile { .. }
+            | Self::BadPem { .. }
+            | Self::TlsConfig(_)
+            | Self::IdentityChanged { .. } => ConnectErrorKind::Credentials,
             Self::CertificateValidity { .. } => ConnectErrorKind::CertificateValidity,
             Self::Server { kind, .. } => *kind,
         }
@@ -243,6 +265,10 @@ pub struct Bus {
     metrics: Option<BusMetrics>,
     /// See [`BusConfig::max_hops`].
     max_hops: usize,
+    /// Renewed client certificates swapped in (see [`crate::rotation`]).
+    renewals: Arc<AtomicU64>,
+    /// Dropped with the last clone, which stops the certificate watcher.
+    _stop_watch: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 impl fmt::Debug for Bus {
@@ -254,7 +280,7 @@ impl fmt::Debug for Bus {
     }
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
+pub(crate) fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
     std::fs::read(path).map_err(|source| ConnectError::ReadFile {
         what,
         path: path.to_owned(),
@@ -262,7 +288,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
     })
 }
 
-fn load_certs(
+pub(crate) fn load_certs(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, ConnectError> {
@@ -326,7 +352,7 @@ impl fmt::Display for SpiffeId {
 }
 
 /// Check the certificate's validity period and return its SPIFFE id, if it has one.
-fn inspect_certificate(
+pub(crate) fn inspect_certificate(
     path: &Path,
     cert: &CertificateDer<'_>,
 ) -> Result<Option<SpiffeId>, ConnectError> {
@@ -366,23 +392,36 @@ pub fn certificate_identity(config: &BusConfig) -> Result<Option<SpiffeId>, Conn
 /// The rustls client configuration for `config`: trust only `config.ca`, present
 /// `config.cert`.
 pub fn tls_client_config(config: &BusConfig) -> Result<rustls::ClientConfig, ConnectError> {
+    Ok(tls_parts(config)?.0)
+}
+
+/// The TLS configuration, the replaceable client certificate it presents and the identity
+/// that certificate carries.
+fn tls_parts(
+    config: &BusConfig,
+) -> Result<
+    (
+        rustls::ClientConfig,
+        Arc<crate::rotation::ClientCert>,
+        Option<SpiffeId>,
+    ),
+    ConnectError,
+> {
     let mut roots = RootCertStore::empty();
     for ca in load_certs("CA certificate", &config.ca)? {
         roots.add(ca)?;
     }
-    let chain = load_certs("certificate", &config.cert)?;
-    inspect_certificate(&config.cert, &chain[0])?;
-    let key_pem = read("private key", &config.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| ConnectError::BadPem {
-        what: "private key",
-        path: config.key.clone(),
-        reason: e.to_string(),
-    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?)
+    let (pair, identity) = crate::rotation::load_pair(config, &provider)?;
+    let cert = crate::rotation::ClientCert::new(pair);
+    let tls =
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(
+                Arc::clone(&cert) as Arc<dyn rustls::client::ResolvesClientCert>
+            );
+    Ok((tls, cert, identity))
 }
 
 fn classify(err: &async_nats::ConnectError) -> ConnectErrorKind {
@@ -416,7 +455,7 @@ fn classify(err: &async_nats::ConnectError) -> ConnectErrorKind {
 
 /// Connect to NATS over mutual TLS.
 pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
-    let tls = tls_client_config(config)?;
+    let (tls, cert, identity) = tls_parts(config)?;
     let (notices, _) = broadcast::channel(256);
     let dropped = Arc::new(AtomicU64::new(0));
     let events = notices.clone();
@@ -444,7 +483,6 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
                 let _ = events.send(BusNotice(event.to_string()));
             }
         });
-    let identity = certificate_identity(config)?;
     let inbox = config
         .inbox_prefix
         .clone()
@@ -480,6 +518,20 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
     let from = identity
         .as_ref()
         .map(|id| Arc::from(trace::identity_label(&id.kind, &id.name)));
+    let (stop_watch, stopped) = tokio::sync::watch::channel(());
+    let renewals = Arc::new(AtomicU64::new(0));
+    if let Some(every) = config.cert_reload {
+        let watch = crate::rotation::Watch {
+            cert,
+            config: config.clone(),
+            identity: identity.clone(),
+            client: client.clone(),
+            notices: notices.clone(),
+            rotations: Arc::clone(&renewals),
+            stop: stopped,
+        };
+        tokio::spawn(crate::rotation::watch(watch, every));
+    }
     Ok(Bus {
         client,
         identity,
@@ -491,6 +543,8 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
         from,
         metrics: config.metrics.clone(),
         max_hops: config.max_hops,
+        renewals,
+        _stop_watch: Arc::new(stop_watch),
     })
 }
 
@@ -646,6 +700,12 @@ impl Bus {
     #[must_use]
     pub fn notices(&self) -> broadcast::Receiver<BusNotice> {
         self.notices.subscribe()
+    }
+
+    /// Renewed client certificates this connection has swapped in without a restart.
+    #[must_use]
+    pub fn certificate_renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
     }
 
     /// Slow-consumer reports seen so far (each means the client dropped messages).

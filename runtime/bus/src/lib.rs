@@ -8,7 +8,9 @@
 //! ([`dlq`]), the NATS micro discovery every component answers ([`discovery`]), the
 //! request-side resilience mechanisms, policies and request loop ([`resilience`]), and
 //! what every durable consumer loop does alike ([`pull`]: drain hand-back, redelivery
-//! backoff, panic containment), and the hop chains that stop event loops ([`hops`]).
+//! backoff, panic containment), the hop chains that stop event loops ([`hops`]), and
+//! client-certificate rotation without a restart (a renewed pair on disk is checked,
+//! swapped in and the connection re-established).
 //! It does not own any business subject (those live in `patchbay-protocol`),
 //! any stream layout (that is `deploy/streams.toml`) or telemetry set-up
 //! (`patchbay-telemetry`).
@@ -37,6 +39,8 @@ pub mod pull;
 pub mod reply;
 #[cfg(feature = "client")]
 pub mod resilience;
+#[cfg(feature = "client")]
+mod rotation;
 pub mod subject;
 #[cfg(feature = "client")]
 pub mod trace;

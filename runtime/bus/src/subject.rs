@@ -38,6 +38,23 @@ pub enum SubjectError {
         /// What kind of subject the caller expected.
         expected: &'static str,
     },
+    /// Not a literal subject one can publish to (see [`validate_publish_subject`]).
+    #[error("invalid subject {subject:?}: {reason}")]
+    InvalidSubject {
+        /// The offending subject.
+        subject: String,
+        /// What is wrong with it, naming the token where there is one.
+        reason: String,
+    },
+    /// A well-formed subject in a namespace that belongs to the NATS server and clients
+    /// (see [`RESERVED_NAMESPACES`]), not to application events.
+    #[error("subject {subject:?} is in the reserved namespace {namespace:?}")]
+    Reserved {
+        /// The offending subject.
+        subject: String,
+        /// The namespace it is in (`$` or `_INBOX`).
+        namespace: &'static str,
+    },
 }
 
 /// Result alias for subject operations.
@@ -273,6 +290,77 @@ pub fn is_valid_pattern(pattern: &str) -> bool {
     })
 }
 
+/// Longest subject [`validate_publish_subject`] accepts, in bytes. The server refuses a
+/// protocol line longer than its `max_control_line` (4 KiB by default) by closing the
+/// *whole connection*, so one caller's long subject must never reach it.
+pub const MAX_PUBLISH_SUBJECT_LEN: usize = 512;
+
+/// First tokens that belong to NATS itself rather than to applications: `$` subjects (the
+/// JetStream, KV and object-store APIs, `$SYS`, the `$SRV` micro protocol) and `_INBOX`
+/// (request-reply inboxes, where a forged message would pose as someone's reply).
+pub const RESERVED_NAMESPACES: [&str; 2] = ["$", "_INBOX"];
+
+/// Check that `subject` is a literal subject an external caller may publish (or send a
+/// request) to: 1 to [`MAX_PUBLISH_SUBJECT_LEN`] bytes of non-empty dot-separated tokens
+/// with no white space, control characters (NUL included) or wildcard characters (`*`,
+/// `>`), outside the [`RESERVED_NAMESPACES`]. The reserved check comes last, so
+/// [`SubjectError::Reserved`] always names a well-formed subject; every other refusal is
+/// [`SubjectError::InvalidSubject`] with the reason.
+///
+/// Used by the gateway before it publishes on a caller's behalf: NATS would otherwise
+/// drop a malformed or forbidden publish without telling the publisher.
+pub fn validate_publish_subject(subject: &str) -> Result<()> {
+    let invalid = |reason: String| SubjectError::InvalidSubject {
+        subject: subject.to_owned(),
+        reason,
+    };
+    if subject.is_empty() {
+        return Err(invalid("empty".into()));
+    }
+    if subject.len() > MAX_PUBLISH_SUBJECT_LEN {
+        return Err(invalid(format!(
+            "longer than {MAX_PUBLISH_SUBJECT_LEN} bytes"
+        )));
+    }
+    for (i, token) in subject.split('.').enumerate() {
+        let n = i + 1;
+        let reason = if token.is_empty() {
+            Some(format!("token {n} is empty"))
+        } else if let Some(c) = token.chars().find(|c| c.is_control()) {
+            Some(format!(
+                "token {n} contains the control character U+{:04X}",
+                u32::from(c)
+            ))
+        } else if token.chars().any(char::is_whitespace) {
+            Some(format!("token {n} contains white space"))
+        } else if token.contains(['*', '>']) {
+            Some(format!(
+                "token {n} ({token:?}) has a wildcard ('*' or '>'): publish to a literal subject"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(invalid(reason));
+        }
+    }
+    let first = subject.split('.').next().unwrap_or_default();
+    let reserved = if first.starts_with('$') {
+        Some(RESERVED_NAMESPACES[0])
+    } else if first == RESERVED_NAMESPACES[1] {
+        Some(RESERVED_NAMESPACES[1])
+    } else {
+        None
+    };
+    match reserved {
+        Some(namespace) => Err(SubjectError::Reserved {
+            subject: subject.to_owned(),
+            namespace,
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +463,79 @@ mod tests {
         for bad in ["", "a..b", "a.>.c", "a*", "a b", ".a", "a."] {
             assert!(!is_valid_pattern(bad), "{bad}");
         }
+    }
+    #[test]
+    fn publish_subjects_must_be_literal_well_formed_and_short() {
+        for good in [
+            "cc.v1.calls.c-1.incoming",
+            "a",
+            "cc.v1.calls.caf\u{e9}.x",
+            "INBOX.x",
+            "x._INBOX",
+            "a$.b",
+            &"x".repeat(MAX_PUBLISH_SUBJECT_LEN),
+        ] {
+            assert_eq!(validate_publish_subject(good), Ok(()), "{good:?}");
+        }
+        for (bad, reason) in [
+            ("", "empty"),
+            ("a..b", "token 2 is empty"),
+            (".a", "token 1 is empty"),
+            ("a.", "token 2 is empty"),
+            ("a.b\0c", "token 2 contains the control character U+0000"),
+            ("a.\u{7f}", "token 2 contains the control character U+007F"),
+            (
+                "a.b\r\nPUB x 1",
+                "token 2 contains the control character U+000D",
+            ),
+            ("a b", "token 1 contains white space"),
+            ("a.\u{a0}", "token 2 contains white space"),
+            ("a.*.c", "token 2 (\"*\") has a wildcard"),
+            ("a.>", "token 2 (\">\") has a wildcard"),
+            ("a.b*", "token 2 (\"b*\") has a wildcard"),
+            ("$JS.API.>", "token 3 (\">\") has a wildcard"),
+        ] {
+            match validate_publish_subject(bad) {
+                Err(SubjectError::InvalidSubject { subject, reason: r }) => {
+                    assert_eq!(subject, bad);
+                    assert!(r.starts_with(reason), "{bad:?}: {r:?}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        let long = "x".repeat(MAX_PUBLISH_SUBJECT_LEN + 1);
+        assert!(matches!(
+            validate_publish_subject(&long),
+            Err(SubjectError::InvalidSubject { reason, .. }) if reason == "longer than 512 bytes"
+        ));
+    }
+
+    #[test]
+    fn publish_subjects_in_reserved_namespaces_are_refused_as_reserved() {
+        for (subject, namespace) in [
+            ("$JS.API.STREAM.DELETE.CC_CALLS", "$"),
+            ("$KV.patchbay-tokens.x", "$"),
+            ("$SYS.REQ.SERVER.PING", "$"),
+            ("$SRV.PING", "$"),
+            ("$", "$"),
+            ("_INBOX.x", "_INBOX"),
+            ("_INBOX.gateway.gateway.abc", "_INBOX"),
+            ("_INBOX", "_INBOX"),
+        ] {
+            assert_eq!(
+                validate_publish_subject(subject),
+                Err(SubjectError::Reserved {
+                    subject: subject.to_owned(),
+                    namespace,
+                }),
+            );
+        }
+        assert_eq!(
+            validate_publish_subject("$JS.API.STREAM.DELETE.CC_CALLS").map_err(|e| e.to_string()),
+            Err(
+                "subject \"$JS.API.STREAM.DELETE.CC_CALLS\" is in the reserved namespace \"$\""
+                    .into()
+            )
+        );
     }
 }
