@@ -3,6 +3,8 @@
 #
 #   openapi-spec-validator   validates the gateway's /openapi.json (OpenAPI 3.1); pip, into
 #                            the same virtual environment as nats-server (<repo>/.tools/venv)
+#   schemathesis             property-based API testing: generates requests from that
+#                            /openapi.json and checks every answer against the spec (pip)
 #   promtool, prometheus     Debian package `prometheus` (apt-get): `promtool check metrics`
 #                            lints every binary's /metrics, and a real Prometheus server
 #                            scrapes them all
@@ -34,6 +36,14 @@ if [ ! -x "$venv/bin/openapi-spec-validator" ]; then
 fi
 "$venv/bin/openapi-spec-validator" --help >/dev/null 2>&1 \
     || die "$venv/bin/openapi-spec-validator does not run"
+
+if [ ! -x "$venv/bin/schemathesis" ]; then
+    echo "install-test-tools: installing schemathesis into $venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis>=3.30,<4" >&2 \
+        || die "pip could not install schemathesis (is PyPI reachable?)"
+fi
+"$venv/bin/schemathesis" --version >/dev/null 2>&1 \
+    || die "$venv/bin/schemathesis does not run"
 
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
     command -v apt-get >/dev/null 2>&1 \

@@ -487,6 +487,22 @@ async fn stored(admin: &Bus, stream: &str, subject: &str) -> Vec<(String, String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_trigger_acks_every_event_once_and_publishes_each_output_once_even_when_a_node_is_killed()
  {
+    // Each iteration kills node-1 at another, random point of the run (printed, so a
+    // failure can be replayed by fixing it).
+    const ITERATIONS: usize = 3;
+    for iteration in 0..ITERATIONS {
+        let kill_at = rand::random_range(0.05..0.9);
+        eprintln!(
+            "iteration {iteration}: kill node-1 at {:.0} % acknowledged",
+            kill_at * 100.0
+        );
+        kill_a_node_during_stream_work(kill_at).await;
+    }
+}
+
+/// One crash run: `N` inputs over two nodes, node-1 killed with SIGKILL once the
+/// fraction `kill_at` of them is acknowledged.
+async fn kill_a_node_during_stream_work(kill_at: f64) {
     const N: usize = 600;
     const OUT: &str = "cc.v1.calls.delivery.analyzed";
     let stack = Stack::start().await;
@@ -528,10 +544,15 @@ async fn a_stream_trigger_acks_every_event_once_and_publishes_each_output_once_e
         })
         .collect();
     // Kill node-1 while the stream still holds work for it.
-    eventually(READY, "a quarter of the inputs acknowledged", || async {
-        let info = consumer_info(&admin, "CC_RECORDINGS").await;
-        (info.ack_floor.stream_sequence >= (N / 4) as u64).then_some(())
-    })
+    let kill_after = (N as f64 * kill_at) as u64;
+    eventually(
+        READY,
+        "the kill point's share of inputs acknowledged",
+        || async {
+            let info = consumer_info(&admin, "CC_RECORDINGS").await;
+            (info.ack_floor.stream_sequence >= kill_after).then_some(())
+        },
+    )
     .await;
     node1.kill9();
     for p in publishers {
@@ -557,9 +578,11 @@ async fn a_stream_trigger_acks_every_event_once_and_publishes_each_output_once_e
     let outputs = stored(&admin, "CC_CALLS", OUT).await;
     let mut per_input: BTreeMap<String, usize> = BTreeMap::new();
     for (ce_id, msg_id) in &outputs {
+        // De-duplicated per (function, input source and id, output index).
+        let input = CloudEvent::new("/test/recorder", "ok").id(ce_id.clone());
         assert_eq!(
             msg_id,
-            &format!("{ce_id}:0"),
+            &input.output_dedup_id(FUNCTION, 0),
             "de-duplication id of {ce_id}"
         );
         *per_input.entry(ce_id.clone()).or_default() += 1;
