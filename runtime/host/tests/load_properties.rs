@@ -60,7 +60,9 @@ fn damaged() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     // Each case may compile a component: keep the default run short (`make fuzz` and
     // PROPTEST_CASES run more).
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(48)
+    ))]
 
     #[test]
     fn any_bytes_load_or_are_refused_with_a_reason(bytes in damaged()) {
