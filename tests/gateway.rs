@@ -802,3 +802,486 @@ async fn a_failing_function_opens_its_breaker_and_the_gateway_answers_503_with_r
         "{shown}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Hardening (issue 12: connection exhaustion, refusals answered as success, request
+// properties answered 503). Raw sockets where a well-behaved client cannot misbehave.
+
+/// `host:port` of a gateway URL.
+fn authority(gateway: &Gateway) -> String {
+    gateway
+        .url
+        .strip_prefix("http://")
+        .expect("plain HTTP gateway")
+        .to_owned()
+}
+
+/// A connection from `source` (a loopback address) to `addr`.
+async fn connect_from(source: std::net::Ipv4Addr, addr: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// Everything the peer sends until it closes, or what arrived within `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the peer closed `stream` within `limit`, and what it sent before.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    closed
+        .is_ok()
+        .then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Send `request` on a new connection from `source` and read the answer (the gateway
+/// closes after it: requests say `Connection: close`).
+async fn exchange(source: std::net::Ipv4Addr, addr: &str, request: &str) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = connect_from(source, addr).await;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_until_closed(&mut stream, Duration::from_secs(15)).await
+}
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+}
+
+const LOCALHOST: std::net::Ipv4Addr = std::net::Ipv4Addr::LOCALHOST;
+const OTHER_LOOPBACK: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+/// The start of a request that never finishes its head.
+const HALF_SENT: &str =
+    "POST /v1/events/cc.v1.tests.slow HTTP/1.1\r\nHost: gateway\r\nContent-Length: 2\r\nce-id: x";
+
+async fn refused_total(gateway: &Gateway, reason: &str) -> f64 {
+    let (_, metrics) = patchbay_tests::http_get(&gateway.admin, "/metrics")
+        .await
+        .expect("admin /metrics answers");
+    patchbay_tests::metric_value(
+        &metrics,
+        &format!("patchbay_gateway_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_requests_is_capped_and_timed_out_while_health_keeps_answering() {
+    use tokio::io::AsyncWriteExt as _;
+    const LIMIT: usize = 100;
+    let stack = Stack::start().await;
+    let gateway = stack
+        .spawn_gateway(&[
+            "--max-connections",
+            &LIMIT.to_string(),
+            "--max-connections-per-ip",
+            "10000",
+            "--header-timeout",
+            "2s",
+        ])
+        .await;
+    let addr = authority(&gateway);
+
+    // LIMIT + 50 connections that send half a request head and then nothing.
+    let mut flood = Vec::new();
+    for _ in 0..LIMIT + 50 {
+        let mut stream = connect_from(LOCALHOST, &addr).await;
+        stream.write_all(HALF_SENT.as_bytes()).await.unwrap();
+        flood.push(stream);
+    }
+
+    // The admin listener is another socket: it answers throughout.
+    let (status, body) = patchbay_tests::http_get(&gateway.admin, "/healthz")
+        .await
+        .expect("admin /healthz answers during the flood");
+    assert_eq!(status, 200, "{body}");
+
+    // A complete request now is either refused clearly (the cap holds) or, if the header
+    // timeout already dropped the slow ones, served.
+    let request = "POST /v1/events/cc.v1.tests.x HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    let answer = exchange(LOCALHOST, &addr, request).await;
+    match status_of(&answer) {
+        503 => {
+            assert!(answer.contains("connection: close"), "{answer}");
+            assert!(answer.contains("retry-after: 1"), "{answer}");
+            assert!(answer.contains("application/problem+json"), "{answer}");
+            assert!(answer.contains("connection-limit"), "{answer}");
+        }
+        401 => {}
+        other => panic!("unexpected {other}: {answer}"),
+    }
+
+    // Every flood connection ends: past the cap with the 503 refusal, the others closed
+    // by the header timeout without an answer.
+    let (mut refused, mut timed_out) = (0, 0);
+    for stream in &mut flood {
+        let sent = closed_within(stream, Duration::from_secs(20))
+            .await
+            .expect("a half-sent connection was left open past the header timeout");
+        if sent.is_empty() {
+            timed_out += 1;
+        } else {
+            assert_eq!(status_of(&sent), 503, "{sent}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused + timed_out, LIMIT + 50);
+    assert!(timed_out >= 1, "nothing was closed by the header timeout");
+    assert!(refused >= 1, "nothing was refused");
+    assert!(refused_total(&gateway, "connection-limit").await >= 1.0);
+    assert!(refused_total(&gateway, "header-timeout").await >= 1.0);
+
+    // With the slow connections gone, requests are served again.
+    eventually(
+        Duration::from_secs(20),
+        "the gateway serves again",
+        || async {
+            let answer = exchange(LOCALHOST, &addr, request).await;
+            (status_of(&answer) == 401).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_cap_are_refused_before_authentication() {
+    use tokio::io::AsyncWriteExt as _;
+    let stack = Stack::start().await;
+    let gateway = stack
+        .spawn_gateway(&["--max-connections-per-ip", "5", "--header-timeout", "30s"])
+        .await;
+    let addr = authority(&gateway);
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = connect_from(LOCALHOST, &addr).await;
+        stream.write_all(HALF_SENT.as_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    // No token: a refusal by address comes before authentication could answer 401.
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n";
+    let answer = eventually(
+        Duration::from_secs(10),
+        "the sixth connection refused",
+        || async {
+            let answer = exchange(LOCALHOST, &addr, request).await;
+            (status_of(&answer) == 429).then_some(answer)
+        },
+    )
+    .await;
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains("connection-limit-per-ip"), "{answer}");
+    // Another address is not affected.
+    let other = exchange(OTHER_LOOPBACK, &addr, request).await;
+    assert_eq!(status_of(&other), 200, "{other}");
+    assert!(refused_total(&gateway, "connection-limit-per-ip").await >= 1.0);
+
+    drop(held);
+    eventually(
+        Duration::from_secs(10),
+        "the address is let in again",
+        || async {
+            let answer = exchange(LOCALHOST, &addr, request).await;
+            (status_of(&answer) == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_shorter_than_its_content_length_or_too_slow_is_answered_408() {
+    use tokio::io::AsyncWriteExt as _;
+    let stack = Stack::start().await;
+    let gateway = stack
+        .spawn_gateway(&["--body-idle-timeout", "500ms", "--body-timeout", "2s"])
+        .await;
+    let token = stack.token("admin", &["admin"], &[]);
+    let addr = authority(&gateway);
+    let head = |length: usize| {
+        format!(
+            "POST /v1/events/cc.v1.tests.short HTTP/1.1\r\nHost: gateway\r\n\
+             Authorization: Bearer {token}\r\nce-specversion: 1.0\r\nce-id: short-1\r\n\
+             ce-source: /t\r\nce-type: t\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\n\r\n"
+        )
+    };
+
+    // 10 of 100 bytes, then silence (the connection stays open).
+    let mut stream = connect_from(LOCALHOST, &addr).await;
+    stream.write_all(head(100).as_bytes()).await.unwrap();
+    stream.write_all(b"{\"a\":\"bcd\"").await.unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(15)).await;
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+
+    // A trickle that never pauses for the idle time still has to finish within the body
+    // timeout. The gateway may close while bytes are still arriving, which the kernel can
+    // turn into a reset that eats the answer: the counter is the proof, the answer (when
+    // it survives) must be the 408.
+    let stream = connect_from(LOCALHOST, &addr).await;
+    let (mut reader, mut writer) = stream.into_split();
+    writer.write_all(head(1000).as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if writer.write_all(b" ").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(15), async {
+        use tokio::io::AsyncReadExt as _;
+        let mut out = Vec::new();
+        let _ = reader.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("the trickling request was not ended by the body timeout");
+    if !answer.is_empty() {
+        assert_eq!(status_of(&answer), 408, "{answer}");
+    }
+    trickle.abort();
+    assert_eq!(refused_total(&gateway, "body-timeout").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_and_malformed_subjects_are_refused_instead_of_dropped_by_nats() {
+    let s = setup().await;
+    let event = |request: reqwest::RequestBuilder| {
+        request
+            .header("ce-specversion", "1.0")
+            .header("ce-id", uuid::Uuid::new_v4().to_string())
+            .header("ce-source", "/t")
+            .header("ce-type", "t")
+            .send()
+    };
+    for path in [
+        "/v1/events/$JS.API.STREAM.DELETE.CC_CALLS",
+        "/v1/events/_INBOX.x",
+        "/v1/request/$SRV.PING",
+        "/v1/request/_INBOX.gateway.gateway.x",
+    ] {
+        let body = problem(event(s.post(path)).await.unwrap(), StatusCode::FORBIDDEN).await;
+        assert_eq!(
+            body["type"], "https://patchbay.dev/problems/reserved-subject",
+            "{path}: {body}"
+        );
+    }
+    // The stream the first one would have deleted is still there.
+    let admin = s.stack.admin().await;
+    assert!(admin.jetstream().get_stream("CC_CALLS").await.is_ok());
+
+    for (path, says) in [
+        ("/v1/events/cc.v1.tests.a%00b", "control character U+0000"),
+        ("/v1/events/cc.v1.tests.a%01b", "control character U+0001"),
+        ("/v1/events/cc.v1.tests.a%20b", "white space"),
+        ("/v1/events/cc.v1..x", "token 3 is empty"),
+        ("/v1/events/cc.v1.tests.", "token 4 is empty"),
+        ("/v1/events/cc.v1.*.x", "wildcard"),
+        ("/v1/events/cc.v1.%3E", "wildcard"),
+        ("/v1/request/cc.v1.tests.a%00b", "control character U+0000"),
+        ("/v1/request/a.*", "wildcard"),
+    ] {
+        let body = problem(event(s.post(path)).await.unwrap(), StatusCode::BAD_REQUEST).await;
+        assert!(
+            body["detail"].as_str().unwrap().contains(says),
+            "{path}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_the_gateways_bus_identity_may_not_publish_is_403_not_a_timeout() {
+    let s = setup().await;
+    // `routed` belongs to the routing service (deploy/access.toml); CC_CALLS stores it.
+    let started = std::time::Instant::now();
+    let response = s
+        .post("/v1/events/cc.v1.calls.c-403.routed")
+        .header("request-timeout", "25000")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "routed-1")
+        .header("ce-source", "/t")
+        .header("ce-type", "t")
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, StatusCode::FORBIDDEN).await;
+    assert_eq!(body["type"], "https://patchbay.dev/problems/bus-permission");
+    // Well before the deadline it would otherwise have waited out.
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    let response = s
+        .post("/v1/request/cc.v1.calls.c-403.routed")
+        .header("request-timeout", "25000")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, StatusCode::FORBIDDEN).await;
+    assert_eq!(body["type"], "https://patchbay.dev/problems/bus-permission");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_attributes_are_refused_as_the_callers_mistake_never_503() {
+    let s = setup().await;
+    let huge = "i".repeat(64 << 10);
+    // Binary mode: the attribute is a header.
+    let response = s
+        .post("/v1/events/cc.v1.calls.big.incoming")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", &huge)
+        .header("ce-source", "/t")
+        .header("ce-type", "t")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{response:?}"
+    );
+    // Structured mode: the attribute is in the body.
+    let response = s
+        .post("/v1/events/cc.v1.calls.big.incoming")
+        .header("content-type", "application/cloudevents+json")
+        .body(json!({"specversion": "1.0", "id": huge, "source": "/t", "type": "t"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST).await;
+    // Many attributes that are each acceptable, together larger than a head may be.
+    let mut many = json!({"specversion": "1.0", "id": "many-1", "source": "/t", "type": "t"});
+    for i in 0..20 {
+        many[format!("ext{i}")] = Value::String("x".repeat(4000));
+    }
+    let response = s
+        .post("/v1/events/cc.v1.calls.big.incoming")
+        .header("content-type", "application/cloudevents+json")
+        .body(many.to_string())
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, StatusCode::BAD_REQUEST).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("attributes"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_openapi_document_allows_is_accepted_and_every_refusal_is_documented() {
+    let s = setup().await;
+    let document: Value = s
+        .client
+        .get(format!("{}/openapi.json", s.gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses = |path: &str| -> BTreeSet<String> {
+        document["paths"][path]["post"]["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{path} has no responses"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    for (path, must) in [
+        (
+            "/v1/events/{subject}",
+            &[
+                "400", "401", "403", "408", "413", "415", "429", "431", "503", "504",
+            ][..],
+        ),
+        (
+            "/v1/request/{subject}",
+            &[
+                "400", "401", "403", "404", "408", "413", "415", "422", "429", "431", "500", "503",
+                "504",
+            ][..],
+        ),
+        (
+            "/v1/functions/{name}/invoke",
+            &[
+                "400", "401", "403", "404", "408", "413", "415", "422", "429", "431", "500", "503",
+                "504",
+            ][..],
+        ),
+    ] {
+        let documented = statuses(path);
+        for status in must {
+            assert!(
+                documented.contains(*status),
+                "{path} does not document {status}"
+            );
+        }
+    }
+    // An empty body is not a structured event, and the schema says so.
+    let events = &document["paths"]["/v1/events/{subject}"]["post"]["requestBody"]["content"];
+    let schema = &events["application/cloudevents+json"]["schema"];
+    let schema = match schema.get("$ref").and_then(Value::as_str) {
+        Some(reference) => {
+            let name = reference.rsplit('/').next().unwrap();
+            &document["components"]["schemas"][name]
+        }
+        None => schema,
+    };
+    assert_eq!(schema["type"], "object", "{schema}");
+    let required: BTreeSet<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(required, ["id", "source", "specversion", "type"].into());
+
+    // The smallest event the schema allows is accepted…
+    let response = s
+        .post("/v1/events/cc.v1.tests.minimal")
+        .header("content-type", "application/cloudevents+json")
+        .body(json!({"specversion": "1.0", "id": "m-1", "source": "/t", "type": "t"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    // …and so is an empty request body, which the request routes allow as data.
+    let _ = s.stack.deploy("echo", "echo", ECHO_FLAGS);
+    let response = s
+        .post("/v1/functions/echo/invoke")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}

@@ -16,12 +16,14 @@ use http::{HeaderMap, StatusCode};
 use patchbay_bus::client::{PublishError, RequestError, RequestErrorKind};
 use patchbay_bus::event::STRUCTURED_CONTENT_TYPE;
 use patchbay_bus::resilience::{AttemptError, AttemptFailed, CallError, FailureKind, Target};
-use patchbay_bus::{CloudEvent, Deadline, EventError, Token};
+use patchbay_bus::subject::SubjectError;
+use patchbay_bus::{BusNotice, CloudEvent, Deadline, EventError, Token};
 use patchbay_host::reply::{ErrorKind, FailureReply, InvokeReply, OUTCOME_HEADER};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
+use crate::body::BodyTimeout;
 use crate::problem::{Problem, ProblemBody};
 use crate::server::Shared;
 
@@ -51,6 +53,36 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// A CloudEvent in structured mode (`Content-Type: application/cloudevents+json`), as
+/// documented in the OpenAPI document. The handlers read it with
+/// [`CloudEvent::from_structured`], which also takes `time`, `subject`, `dataschema`,
+/// `data_base64` and extension attributes; the schema names the common part and closes the
+/// object, so that everything it describes is accepted.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredCloudEvent {
+    /// The CloudEvents version: `1.0`.
+    #[schema(pattern = r"^1\.0$")]
+    pub specversion: String,
+    /// Unique within `source`; a retried event keeps its id (streams de-duplicate by it).
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[!-~]+$")]
+    pub id: String,
+    /// Who produced the event (a URI reference such as `/pbx/eu-1`).
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[!-~]+$")]
+    pub source: String,
+    /// The event type, such as `cc.call.incoming.v1`.
+    #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[!-~]+$")]
+    pub ty: String,
+    /// The media type of `data` (JSON when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[a-z]+/[a-z0-9.+-]+$")]
+    pub datacontenttype: Option<String>,
+    /// The payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
 /// Publish a CloudEvent on a subject.
 ///
 /// Structured mode (`Content-Type: application/cloudevents+json`, the whole event as JSON)
@@ -62,25 +94,26 @@ pub struct Published {
     path = "/v1/events/{subject}",
     tag = "bus",
     params(
-        ("subject" = String, Path, description = "NATS subject, no wildcards (e.g. cc.v1.calls.c-1.incoming)"),
-        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds"),
+        ("subject" = String, Path, description = "NATS subject: dot-separated tokens, no white space, control characters or wildcards, not in the `$` or `_INBOX` namespaces (e.g. cc.v1.calls.c-1.incoming)", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 512),
+        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1),
     ),
-    request_body(description = "The whole event (structured mode) or its data (binary mode, with ce-* headers)",
+    request_body(description = "The whole event in structured mode. Binary mode (the CloudEvents HTTP binding's other mode) is accepted as well and is what most producers send: `ce-specversion`, `ce-id`, `ce-source` and `ce-type` headers (plus optional `ce-*` attributes and extensions) with the data as the body in any media type; it is not part of this machine-readable description because OpenAPI cannot say that those four headers are required exactly when the body is not `application/cloudevents+json`.",
         content(
-            (String = "application/cloudevents+json"),
-            (String = "application/json"),
-            (Vec<u8> = "application/octet-stream"),
+            (StructuredCloudEvent = "application/cloudevents+json"),
         )),
     responses(
         (status = 201, description = "Stored by a stream", body = Published),
         (status = 202, description = "Published on a core subject (at most once)", body = Published),
-        (status = 400, description = "Not a valid CloudEvent or subject", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Not a valid CloudEvent or subject, or a bad Request-Timeout", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "Token may not publish here", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The token may not publish here, the subject is in a reserved namespace (`$`, `_INBOX`), or the gateway's bus identity may not publish it", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 408, description = "The request body did not arrive in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Batch mode is not accepted", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "The bus is unavailable", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited, or too many connections from this address", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 431, description = "Request headers (or the event's attributes, in binary mode) too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The bus is unavailable, the target's circuit is open, or the gateway holds its maximum of connections", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "The stream did not acknowledge before the deadline", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -94,13 +127,20 @@ pub async fn publish_event(
     check_subject(&subject)?;
     caller.may_publish(&subject)?;
     let deadline = deadline(&state, &headers)?;
-    let data = read_body(body, &headers, state.config.max_body_bytes).await?;
+    let data = read_body(&state, body, &headers).await?;
     let event = cloud_event(&headers, data)?;
+    check_attributes_size(&state, &headers, &event)?;
     let full = state.bus.subjects().full(&subject);
     let stream = state.streams.stream_for(&state.bus, &full).await;
     let published = match stream {
         Some(stream) => {
-            let ack = publish_durable(&state, &subject, &full, &event, deadline).await?;
+            // A durable publish the server refuses is never acknowledged: watch for the
+            // refusal instead of waiting out the deadline.
+            let refused = refused_publish(state.bus.notices(), &full);
+            let ack = tokio::select! {
+                ack = publish_durable(&state, &subject, &full, &event, deadline) => ack?,
+                () = refused => return Err(bus_forbidden(&subject)),
+            };
             let answer = Published {
                 id: event.id,
                 subject,
@@ -139,23 +179,29 @@ pub async fn publish_event(
     path = "/v1/request/{subject}",
     tag = "bus",
     params(
-        ("subject" = String, Path, description = "NATS subject, no wildcards"),
-        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds"),
+        ("subject" = String, Path, description = "NATS subject: dot-separated tokens, no white space, control characters or wildcards, not in the `$` or `_INBOX` namespaces (e.g. cc.v1.calls.c-1.incoming)", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 512),
+        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1),
     ),
-    request_body(description = "Request data, or a CloudEvent in either mode",
+    request_body(description = "Request data (it becomes the data of a new event of type `patchbay.http.request.v1`), or a CloudEvent: structured mode, or binary mode with `ce-*` headers",
         content(
             (String = "application/json"),
-            (String = "application/cloudevents+json"),
             (Vec<u8> = "application/octet-stream"),
+            (StructuredCloudEvent = "application/cloudevents+json"),
         )),
     responses(
         (status = 200, description = "The reply"),
+        (status = 400, description = "Not a valid subject or CloudEvent, a bad Request-Timeout, or the responder refused the input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "Token may not publish here", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The token may not publish here, the subject is in a reserved namespace (`$`, `_INBOX`), or the gateway's bus identity may not publish it", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "A runtime node answered that no such function is deployed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 408, description = "The request body did not arrive in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Batch mode is not accepted", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "A function declined the event (retry, dead-letter or drop)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited, or too many connections from this address", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 431, description = "Request headers (or the event's attributes, in binary mode) too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "The responder failed", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "No responders", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "No responders, the target's circuit is open, or the gateway holds its maximum of connections", body = ProblemBody, content_type = "application/problem+json"),
         (status = 504, description = "Deadline passed", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -179,25 +225,29 @@ pub async fn request(
     path = "/v1/functions/{name}/invoke",
     tag = "functions",
     params(
-        ("name" = String, Path, description = "Function name"),
-        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds"),
+        ("name" = String, Path, description = "Function name", pattern = r"^[A-Za-z0-9_-]+$", max_length = 128),
+        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1),
     ),
-    request_body(description = "Event data, or a CloudEvent in either mode",
+    request_body(description = "Event data (it becomes the data of a new event of type `patchbay.http.request.v1`), or a CloudEvent: structured mode, or binary mode with `ce-*` headers",
         content(
             (String = "application/json"),
-            (String = "application/cloudevents+json"),
             (Vec<u8> = "application/octet-stream"),
+            (StructuredCloudEvent = "application/cloudevents+json"),
         )),
     responses(
         (status = 200, description = "The function's outputs (`outcome: ok`)"),
-        (status = 400, description = "Not a valid event", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "Not a valid function name or event, a bad Request-Timeout, or the function refused the input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Token may not invoke this function", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "No such function", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such function (or it is an HTTP function)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 408, description = "The request body did not arrive in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Batch mode is not accepted", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "The function declined the event", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited, or too many connections from this address", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 431, description = "Request headers (or the event's attributes, in binary mode) too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "The function trapped or failed", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "No runtime node is serving", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "No runtime node is serving, the function is at its concurrency limit or its circuit is open, or the gateway holds its maximum of connections", body = ProblemBody, content_type = "application/problem+json"),
         (status = 504, description = "Deadline passed", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -229,18 +279,26 @@ async fn forward(
     body: Body,
 ) -> Result<Response, Problem> {
     let deadline = deadline(state, headers)?;
-    let data = read_body(body, headers, state.config.max_body_bytes).await?;
+    let data = read_body(state, body, headers).await?;
     let event = request_event(state, headers, data)?;
-    let result = state
-        .bus
-        .request_resilient(
-            &state.resilience,
-            subject,
-            &event,
-            state.config.max_timeout,
-            Some(deadline),
-        )
-        .await;
+    check_attributes_size(state, headers, &event)?;
+    // A request the server refuses to forward gets no reply: watch for the refusal
+    // instead of waiting out the deadline.
+    let refused = refused_publish(state.bus.notices(), subject);
+    let request = state.bus.request_resilient(
+        &state.resilience,
+        subject,
+        &event,
+        state.config.max_timeout,
+        Some(deadline),
+    );
+    let result = tokio::select! {
+        result = request => result,
+        () = refused => {
+            let tail = state.bus.subjects().strip(subject).unwrap_or(subject);
+            return Err(bus_forbidden(tail));
+        }
+    };
     let reply = match result {
         Ok(reply) => reply,
         Err(CallError::Rejected(rejected)) => {
@@ -418,15 +476,96 @@ fn publish_problem(error: PublishError) -> Problem {
     }
 }
 
-/// A literal subject: valid, no wildcards.
+/// A literal subject a caller may publish to: well-formed (400 naming what is wrong) and
+/// outside the NATS namespaces (`$…`, `_INBOX…`: 403 whatever the token's scopes, since
+/// no caller of the gateway has business there and NATS would drop it silently).
 fn check_subject(subject: &str) -> Result<(), Problem> {
-    let wildcard = subject.split('.').any(|t| t == "*" || t == ">");
-    if wildcard || !patchbay_bus::subject::is_valid_pattern(subject) {
-        return Err(Problem::bad_request(format!(
-            "{subject:?} is not a valid subject (dot-separated tokens, no wildcards)"
-        )));
+    match patchbay_bus::subject::validate_publish_subject(subject) {
+        Ok(()) => Ok(()),
+        Err(SubjectError::Reserved { namespace, .. }) => Err(Problem::typed(
+            StatusCode::FORBIDDEN,
+            "reserved-subject",
+            "Subject in a reserved namespace",
+        )
+        .with_detail(format!(
+            "{subject:?} is in the {namespace:?} namespace, which belongs to NATS \
+             (JetStream and system APIs, reply inboxes); the gateway never publishes there"
+        ))),
+        Err(e) => Err(Problem::bad_request(e.to_string())),
     }
-    Ok(())
+}
+
+/// 403 for a publish the NATS server refused: the gateway's own bus identity may not
+/// publish there (`deploy/access.toml`), so no token scope can help.
+fn bus_forbidden(subject: &str) -> Problem {
+    Problem::typed(
+        StatusCode::FORBIDDEN,
+        "bus-permission",
+        "The gateway may not publish to this subject",
+    )
+    .with_detail(format!(
+        "the bus refused the gateway's publish to {subject}: its identity has no permission \
+         for it (this is not a property of the API token)"
+    ))
+}
+
+/// Resolves when the connection reports that the server refused a publish to `subject`
+/// (`-ERR 'Permissions Violation for Publish to "<subject>"'`); never resolves otherwise.
+/// Subscribe before publishing so the report cannot be missed.
+async fn refused_publish(mut notices: tokio::sync::broadcast::Receiver<BusNotice>, subject: &str) {
+    use tokio::sync::broadcast::error::RecvError;
+    let quoted = format!("\"{subject}\"");
+    loop {
+        match notices.recv().await {
+            Ok(BusNotice(text))
+                if text
+                    .to_ascii_lowercase()
+                    .contains("permissions violation for publish to")
+                    && text.contains(&quoted) =>
+            {
+                return;
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return std::future::pending().await,
+        }
+    }
+}
+
+/// The event's attributes become NATS headers; refuse them when they are larger than the
+/// gateway accepts as HTTP headers (JetStream refuses headers past 64 KiB, and that must
+/// not look like an outage). 431 when they came as headers (binary mode), 400 when they
+/// came in the body.
+fn check_attributes_size(
+    state: &Shared,
+    headers: &HeaderMap,
+    event: &CloudEvent,
+) -> Result<(), Problem> {
+    let limit = state.config.max_header_bytes;
+    let size: usize = event
+        .to_headers()
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    if size <= limit {
+        return Ok(());
+    }
+    let detail = format!("the event's attributes take {size} bytes, more than the {limit} allowed");
+    if headers.keys().any(|k| k.as_str().starts_with("ce-")) {
+        Err(Problem::typed(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request headers too large",
+        )
+        .with_detail(detail))
+    } else {
+        Err(Problem::bad_request(detail))
+    }
 }
 
 /// The caller's time budget: `Request-Timeout` (ms, capped at the configured maximum) or
@@ -456,9 +595,37 @@ fn deadline(state: &Shared, headers: &HeaderMap) -> Result<Deadline, Problem> {
 /// close", as nginx does). Beyond it the answer goes out at once.
 const DRAIN_CAP: usize = 16 << 20;
 
-/// The whole body, refused with 413 past `limit` (at once when `Content-Length` says so,
-/// after discarding up to [`DRAIN_CAP`] of what the client is still sending).
+/// The whole body, refused with 413 past `max_body_bytes` (at once when `Content-Length`
+/// says so, after discarding up to [`DRAIN_CAP`] of what the client is still sending), and
+/// with 408 when it is not complete within `body_read_timeout` or pauses for
+/// `body_idle_timeout` (a body shorter than its `Content-Length` never completes).
 pub(crate) async fn read_body(
+    state: &Shared,
+    body: Body,
+    headers: &HeaderMap,
+) -> Result<Bytes, Problem> {
+    let total = state.config.body_read_timeout;
+    let timed_out = || {
+        Problem::request_timeout(format!(
+            "the request body did not arrive within {}",
+            humantime::format_duration(total)
+        ))
+    };
+    let read = read_body_within_limit(body, headers, state.config.max_body_bytes);
+    match tokio::time::timeout(total, read).await {
+        Ok(read) => read,
+        Err(_) => {
+            state
+                .metrics
+                .refused
+                .with_label_values(&["body-timeout"])
+                .inc();
+            Err(timed_out())
+        }
+    }
+}
+
+async fn read_body_within_limit(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
@@ -475,7 +642,13 @@ pub(crate) async fn read_body(
     let mut body = body.into_data_stream();
     let mut collected = bytes::BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|_| Problem::bad_request("the request body was cut short"))?;
+        let chunk = chunk.map_err(|e| {
+            if BodyTimeout::is_cause_of(&e) {
+                Problem::request_timeout(e.to_string())
+            } else {
+                Problem::bad_request("the request body was cut short")
+            }
+        })?;
         if collected.len() + chunk.len() > limit {
             drain(Body::from_stream(body)).await;
             return Err(too_large());

@@ -41,6 +41,33 @@ pub struct GatewayConfig {
     /// Write the bound public address (`host:port`) to this file once listening, so a
     /// supervisor or test that asked for port 0 can find it.
     pub address_file: Option<PathBuf>,
+    /// How long a connection may take to deliver a complete request head (TLS handshake
+    /// and, on HTTP/1, every later head on a kept-alive connection included); past it the
+    /// connection is closed without an answer. It is also the idle timeout of a kept-alive
+    /// HTTP/1 connection. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Longest pause in a request body (time waiting for the next chunk while the handler
+    /// wants one). Past it the `/v1/…` routes answer 408 and close the connection; an HTTP
+    /// function sees a read timeout. Default 10 s.
+    pub body_idle_timeout: Duration,
+    /// Longest time to read the whole body of a `/v1/…` route (they are buffered and at
+    /// most `max_body_bytes`); past it, 408. Function bodies stream and are bounded by
+    /// `body_idle_timeout` only. Default 30 s.
+    pub body_read_timeout: Duration,
+    /// Largest request head (request line and headers), bytes; a larger one is answered
+    /// 431. At least 8 KiB (smaller values are raised to it). Default 32 KiB, like nginx's
+    /// `large_client_header_buffers`.
+    pub max_header_bytes: usize,
+    /// Open connections the public listener holds at most; a connection past it is
+    /// answered 503 with `Retry-After` and closed (closed at once with TLS). Keep it well
+    /// below the process's file descriptor limit so the admin listener, the NATS
+    /// connection and the function engine always have descriptors left. Default 4096.
+    pub max_connections: usize,
+    /// Open connections one client address may hold at most, checked when the connection
+    /// is accepted (before any authentication); past it the connection is answered 429 and
+    /// closed. Behind a load balancer or NAT every client shares one address: raise it to
+    /// `max_connections` there. Default 256.
+    pub max_connections_per_ip: usize,
 }
 
 /// PEM files for TLS termination.
@@ -70,6 +97,12 @@ impl GatewayConfig {
             engine: EngineConfig::default(),
             drain_timeout: Duration::from_secs(10),
             address_file: None,
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 32 << 10,
+            max_connections: 4096,
+            max_connections_per_ip: 256,
         }
     }
 }

@@ -291,6 +291,9 @@ async fn call(state: &Shared, function: &Mounted, request: Request) -> Response 
     let body = Limited::new(body, limit).map_err(move |e| -> wasmtime_wasi_http::Error {
         if e.is::<http_body_util::LengthLimitError>() {
             ErrorCode::HttpRequestBodySize(Some(limit as u64)).into()
+        } else if crate::body::BodyTimeout::is_cause_of(&*e) {
+            // The client stalled (`body_idle_timeout`).
+            ErrorCode::ConnectionReadTimeout.into()
         } else {
             // The client went away or sent a malformed body.
             ErrorCode::HttpProtocolError.into()

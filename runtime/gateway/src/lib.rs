@@ -14,14 +14,18 @@
 //!   it), the deadline every bus message carries, metrics per route and status;
 //! * [`discovery`] — the `$SRV` (NATS micro) answers: HTTP functions and routes with
 //!   their request and 5xx counts;
-//! * [`server`] — listener (plain or rustls TLS), graceful drain, [`run`].
+//! * [`server`] — listener (plain or rustls TLS), header-read timeout, graceful drain,
+//!   [`run`]; [`connections`] — global and per-address connection caps, answered before
+//!   any authentication; [`body`] — request bodies that time out when the client stalls.
 //!
 //! Health and metrics are on the admin listener of `patchbay-telemetry`, never on the
 //! public one.
 
 pub mod auth;
+pub mod body;
 pub mod bus_routes;
 pub mod config;
+pub mod connections;
 pub mod discovery;
 pub mod functions;
 pub mod observe;

@@ -63,6 +63,29 @@ struct Args {
     /// Write the bound public address here once listening (for --listen with port 0).
     #[arg(long, env = "PATCHBAY_GATEWAY_ADDRESS_FILE")]
     address_file: Option<PathBuf>,
+    /// Longest time to deliver a complete request head (TLS handshake included); also the
+    /// idle timeout of kept-alive HTTP/1 connections.
+    #[arg(long, env = "PATCHBAY_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Longest pause within a request body before the request is answered 408.
+    #[arg(long, env = "PATCHBAY_GATEWAY_BODY_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    body_idle_timeout: Duration,
+    /// Longest time to read the whole body of a /v1 route before it is answered 408.
+    #[arg(long, env = "PATCHBAY_GATEWAY_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// Largest request head (request line and headers), bytes; larger ones get 431.
+    #[arg(long, env = "PATCHBAY_GATEWAY_MAX_HEADER_BYTES", default_value_t = 32 << 10)]
+    max_header_bytes: usize,
+    /// Open connections at most; more are answered 503 and closed.
+    #[arg(long, env = "PATCHBAY_GATEWAY_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Open connections per client address at most; more are answered 429 and closed.
+    #[arg(
+        long,
+        env = "PATCHBAY_GATEWAY_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 256
+    )]
+    max_connections_per_ip: usize,
     #[command(flatten)]
     bus: BusArgs,
     #[command(flatten)]
@@ -100,6 +123,12 @@ async fn main() -> anyhow::Result<()> {
     config.burst = args.burst;
     config.drain_timeout = args.drain_timeout;
     config.address_file = args.address_file;
+    config.header_read_timeout = args.header_timeout;
+    config.body_idle_timeout = args.body_idle_timeout;
+    config.body_read_timeout = args.body_timeout;
+    config.max_header_bytes = args.max_header_bytes;
+    config.max_connections = args.max_connections;
+    config.max_connections_per_ip = args.max_connections_per_ip;
     config.engine = EngineConfig {
         max_concurrent_instances: args.max_instances,
         cache_dir: args.cache_dir,

@@ -9,7 +9,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::bus_routes::Published;
+use crate::bus_routes::{Published, StructuredCloudEvent};
 use crate::problem::ProblemBody;
 
 /// The document.
@@ -28,7 +28,7 @@ use crate::problem::ProblemBody;
         crate::bus_routes::invoke,
         document,
     ),
-    components(schemas(Published, ProblemBody)),
+    components(schemas(Published, ProblemBody, StructuredCloudEvent)),
     modifiers(&BearerAuth),
     tags(
         (name = "bus", description = "Events and requests on NATS subjects"),

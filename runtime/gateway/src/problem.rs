@@ -40,6 +40,8 @@ pub struct Problem {
     pub instance: Option<String>,
     /// When to try again (429 and, optionally, 503); sent as `Retry-After`.
     retry_after: Option<Duration>,
+    /// Send `Connection: close` (the rest of the request is not worth reading).
+    close: bool,
 }
 
 impl Problem {
@@ -54,6 +56,7 @@ impl Problem {
             type_uri: ABOUT_BLANK.to_owned(),
             instance: None,
             retry_after: None,
+            close: false,
         }
     }
 
@@ -107,6 +110,20 @@ impl Problem {
         .with_detail(format!(
             "the request body exceeds the limit of {limit_bytes} bytes"
         ))
+    }
+
+    /// 408: the client stopped sending its request body. The connection is closed after
+    /// the answer (`Connection: close`): what is left of the body may never come.
+    #[must_use]
+    pub fn request_timeout(detail: impl Into<String>) -> Self {
+        let mut problem = Self::typed(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            "Request body not received in time",
+        )
+        .with_detail(detail);
+        problem.close = true;
+        problem
     }
 
     /// 400: a request the gateway cannot make sense of.
@@ -273,6 +290,10 @@ impl IntoResponse for Problem {
                 HeaderValue::from(retry_after_secs(after)),
             );
         }
+        if self.close {
+            // HTTP/1 only; hyper leaves it off HTTP/2 answers, where it is not allowed.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -368,6 +389,7 @@ mod tests {
     async fn every_constructor_has_its_status_and_instance_is_carried() {
         let cases = [
             (Problem::forbidden("x"), 403),
+            (Problem::request_timeout("x"), 408),
             (Problem::payload_too_large(1024), 413),
             (Problem::bad_request("x"), 400),
             (Problem::unprocessable("x"), 422),
@@ -404,6 +426,15 @@ mod tests {
             problem.detail.as_deref(),
             Some("the gateway failed to handle the request; the error has been logged")
         );
+    }
+
+    #[test]
+    fn request_timeout_closes_the_connection() {
+        let response = Problem::request_timeout("body stalled").into_response();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+        let other = Problem::bad_request("x").into_response();
+        assert!(other.headers().get(header::CONNECTION).is_none());
     }
 
     #[test]

@@ -5,8 +5,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use patchbay_bus::Bus;
@@ -15,9 +17,13 @@ use patchbay_host::Engine;
 use patchbay_host::registry::Registry;
 use patchbay_telemetry::{Metrics, ReadyFlag};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
+use crate::body::IdleTimeoutBody;
 use crate::config::{GatewayConfig, TlsFiles};
+use crate::connections::ConnectionLimits;
 use crate::functions::HttpFunctions;
 use crate::observe::{GatewayMetrics, observe};
 use crate::ratelimit::RateLimiter;
@@ -111,6 +117,8 @@ impl StreamIndex {
 
 /// The public router (without state).
 pub fn router(state: Shared) -> Router {
+    let idle = state.config.body_idle_timeout;
+    let body_timeouts = state.metrics.refused.with_label_values(&["body-timeout"]);
     Router::new()
         .route(
             "/v1/events/{subject}",
@@ -123,9 +131,19 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/openapi.json", get(crate::openapi::document))
         .fallback(crate::functions::serve)
+        // Span and metrics for every answer, refusals by the handlers included.
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             observe,
+        ))
+        // Outermost, so every route and HTTP function reads a body that cannot stall: a
+        // client that stops sending must not hold a handler (and a connection) until it
+        // gives up, so a body fails after `body_idle_timeout` without data.
+        .layer(tower::util::MapRequestLayer::new(
+            move |request: Request| {
+                let counter = body_timeouts.clone();
+                request.map(|body| Body::new(IdleTimeoutBody::new(body, idle, counter)))
+            },
         ))
         .with_state(state)
 }
@@ -144,6 +162,7 @@ pub async fn run(
             reason: e.to_string(),
         }
     };
+    check_limits(&config)?;
     let bus = patchbay_bus::connect(&config.bus).await?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener =
@@ -198,7 +217,11 @@ pub async fn run(
     tracing::info!(address = %local, tls = tls.is_some(), "gateway listening");
 
     let app = router(Arc::clone(&state));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = http_builder(&state.config);
+    let limits = ConnectionLimits::new(
+        state.config.max_connections,
+        state.config.max_connections_per_ip,
+    );
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -214,29 +237,82 @@ pub async fn run(
                 }
             },
         };
+        // Admission comes first: before TLS, before a byte of HTTP, before authentication.
+        let permit = match limits.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                state
+                    .metrics
+                    .refused
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                tracing::debug!(%peer, %refusal, "connection refused");
+                if tls.is_some() {
+                    // With TLS an answer would cost a handshake per refused connection,
+                    // which is exactly what an overloaded gateway must not spend: close.
+                    drop(stream);
+                } else {
+                    limits.refuse(stream, refusal);
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // Set when the connection's first request reaches the router (see below).
+        let first_request = Arc::new(Notify::new());
+        let arrived = Arc::clone(&first_request);
+        let service = TowerToHyperService::new(app.clone().map_request(move |request| {
+            arrived.notify_one();
+            request
+        }));
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let header_timeout = state.config.header_read_timeout;
+        let metrics = state.metrics.clone();
         tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => {
+            let _permit = permit;
+            let serve = async {
+                match tls {
+                    None => {
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
-                    Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                },
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(stream) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                    },
+                }
             };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tokio::pin!(serve);
+            // hyper's own header timeout starts only once it knows the connection is
+            // HTTP/1, so a client that sends nothing, stalls in the TLS handshake or the
+            // HTTP/2 preface, would hold its socket forever. Until the first request
+            // arrives, the whole connection has `header_read_timeout`; after it, hyper's
+            // timer bounds every later request head on HTTP/1 (and so idle keep-alive).
+            let served = tokio::select! {
+                served = &mut serve => served,
+                () = first_request.notified() => serve.await,
+                () = tokio::time::sleep(header_timeout) => {
+                    metrics.refused.with_label_values(&["header-timeout"]).inc();
+                    return tracing::debug!(%peer, "no complete request in time: closing");
+                }
+            };
+            match served {
+                Ok(()) => {}
+                Err(e) if is_header_timeout(&*e) => {
+                    metrics.refused.with_label_values(&["header-timeout"]).inc();
+                    tracing::debug!(%peer, "request head not complete in time: closed");
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
             }
         });
     }
@@ -256,6 +332,72 @@ pub async fn run(
     let _ = state.bus.client().flush().await;
     Ok(())
 }
+
+/// The connection builder: HTTP/1 and HTTP/2 with the header limits and timeouts of
+/// `config`.
+fn http_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // The read buffer bounds the request head; past it hyper answers 431 itself.
+        .max_buf_size(config.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Whether a connection error is hyper's header-read timeout.
+fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// Refuse settings that would panic in hyper or shut every caller out.
+fn check_limits(config: &GatewayConfig) -> Result<(), GatewayError> {
+    let invalid = |reason: String| GatewayError::Setup {
+        what: "connection limits",
+        reason,
+    };
+    if config.max_connections == 0 || config.max_connections_per_ip == 0 {
+        return Err(invalid(
+            "max_connections and max_connections_per_ip must be at least 1".into(),
+        ));
+    }
+    if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&config.max_header_bytes) {
+        return Err(invalid(format!(
+            "max_header_bytes must be between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES}, not {}",
+            config.max_header_bytes
+        )));
+    }
+    let timeouts = [
+        ("header_read_timeout", config.header_read_timeout),
+        ("body_idle_timeout", config.body_idle_timeout),
+        ("body_read_timeout", config.body_read_timeout),
+    ];
+    if let Some((name, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
+        return Err(invalid(format!("{name} must be above zero")));
+    }
+    Ok(())
+}
+
+/// hyper's smallest read buffer.
+const MIN_HEADER_BYTES: usize = 8 << 10;
+/// Below JetStream's 64 KiB header limit with room for the headers the gateway adds
+/// (trace context, deadline, de-duplication id), so a head the gateway accepts can
+/// always be stored.
+const MAX_HEADER_BYTES: usize = 48 << 10;
 
 fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, GatewayError> {
     use rustls_pki_types::pem::PemObject as _;
