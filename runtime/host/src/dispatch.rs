@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capabilities::HostCapabilities;
 use crate::engine::{Invocation, InvokeErrorKind};
+use crate::limits::MemoryReservation;
 use crate::node::{Deployed, Node, Outcome};
 use crate::reply::{ErrorKind, FailureReply};
 use crate::world::{BusError, Event, Failure, KvError, Level};
@@ -85,13 +86,15 @@ fn from_guest(
     (subjects.full(&e.subject), event)
 }
 
-/// Run `f` on `event` (arrived on `subject`).
+/// Run `f` on `event` (arrived on `subject`) in `memory` reserved from the node's budget
+/// (released once the instance is gone).
 pub(crate) async fn run(
     node: &Arc<Node>,
     f: &Arc<Deployed>,
     subject: &str,
     event: CloudEvent,
     deadline: Option<Deadline>,
+    memory: MemoryReservation,
 ) -> Outcome {
     let input_id = event.id.clone();
     let capabilities = Arc::new(NatsCapabilities {
@@ -104,7 +107,8 @@ pub(crate) async fn run(
     let mut invocation = Invocation::new(Arc::clone(&capabilities) as Arc<dyn HostCapabilities>)
         .limits(f.limits)
         .config(Arc::clone(&f.config))
-        .allow_publish(f.allow.clone());
+        .allow_publish(f.allow.clone())
+        .memory(memory);
     if let Some(d) = deadline {
         match d.remaining(node.bus.clock()) {
             Some(left) => invocation = invocation.deadline(Instant::now() + left),

@@ -36,6 +36,7 @@ pub use invoke::{Invocation, InvocationStats, InvokeError, InvokeErrorKind, Invo
 pub use load::{CodeOrigin, FunctionCode, LoadError};
 
 use crate::capabilities::CallContext;
+use crate::limits::{Limits, MemoryBudget};
 use crate::world::EventHandler;
 use invoke::HostState;
 
@@ -75,6 +76,7 @@ struct Inner {
     /// WASI p2 + `wasi:http`, for `wasi:http/proxy` components.
     http_linker: Linker<http::HttpState>,
     config: EngineConfig,
+    memory_budget: MemoryBudget,
     pagemap_scan: bool,
     /// Distinguishes cache files of incompatible engines (wasmtime version, settings).
     compatibility: String,
@@ -127,6 +129,7 @@ impl Engine {
                 wasmtime,
                 linker,
                 http_linker,
+                memory_budget: MemoryBudget::new(config.memory_budget_bytes),
                 config,
                 pagemap_scan,
                 compatibility,
@@ -140,6 +143,22 @@ impl Engine {
     #[must_use]
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The memory all instances together may hold, shared by every clone of the engine.
+    /// Callers reserve from it ([`Invocation::memory`]) before invoking.
+    #[must_use]
+    pub fn memory_budget(&self) -> &MemoryBudget {
+        &self.inner.memory_budget
+    }
+
+    /// The linear memory an invocation under `limits` may hold, and so what it must
+    /// reserve: its own limit, cut to the engine's per-instance ceiling.
+    #[must_use]
+    pub fn instance_memory_bytes(&self, limits: &Limits) -> usize {
+        limits
+            .max_memory_bytes
+            .min(self.inner.config.max_memory_bytes)
     }
 
     /// Whether slot resets use `PAGEMAP_SCAN` (asked for and supported by the kernel).

@@ -5,7 +5,7 @@
 //! * [`engine`] — load (check, compile, cache, pre-link) and invoke under limits;
 //! * [`capabilities`] — the bus/kv/config/log imports, the publish allow-list, and the
 //!   [`HostCapabilities`] trait the node implements over NATS;
-//! * [`limits`] — per-invocation limits.
+//! * [`limits`] — per-invocation limits and the node-wide memory budget they reserve from.
 //!
 //! The engine never talks to NATS itself; the node wires triggers, the registry and the
 //! NATS-backed capabilities around it:
@@ -46,5 +46,5 @@ pub use engine::{
     Engine, EngineConfig, EngineError, FunctionCode, HttpCode, HttpInvokeError, HttpResponse,
     Invocation, InvocationStats, InvokeError, InvokeErrorKind, InvokeOutcome, LoadError,
 };
-pub use limits::Limits;
+pub use limits::{Limits, MemoryBudget, MemoryReservation};
 pub use world::{BusError, Event, Failure, KvError, Level, Retry};

@@ -23,6 +23,14 @@ struct Args {
     /// Instance slots in the pooling allocator (concurrent invocations across functions).
     #[arg(long, env = "PATCHBAY_MAX_INSTANCES", default_value_t = 256)]
     max_instances: u32,
+    /// Linear memory all invocations on this node may hold together, e.g. `2GiB`, `512MiB`
+    /// (a bare number is MiB). Each invocation reserves its version's whole `--memory`
+    /// before it starts; what does not fit waits until its deadline (or, without one, for
+    /// its timeout) and is then refused as overloaded. A version runs at most
+    /// budget / memory invocations at once; one whose memory exceeds the budget is not
+    /// served. Leave room for the runtime itself (~150 MiB) within the host's memory.
+    #[arg(long, env = "PATCHBAY_MEMORY_BUDGET", default_value = "4GiB", value_parser = parse_budget)]
+    memory_budget: u64,
     /// Directory for compiled components (keyed by digest and engine), so a restarted
     /// node skips compilation. Unset: compile into memory only.
     #[arg(long, env = "PATCHBAY_CACHE_DIR")]
@@ -47,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
 
     let engine = EngineConfig {
         max_concurrent_instances: args.max_instances,
+        memory_budget_bytes: args.memory_budget,
         cache_dir: args.cache_dir,
         ..EngineConfig::default()
     };
@@ -63,4 +72,15 @@ async fn main() -> anyhow::Result<()> {
     patchbay_host::run(config, metrics, ready, shutdown_signal())
         .await
         .context("runtime node failed")
+}
+
+/// `--memory-budget`: a memory size of at least 1 MiB.
+fn parse_budget(text: &str) -> Result<u64, String> {
+    let bytes = patchbay_host::limits::parse_memory_size(text).map_err(|e| e.to_string())?;
+    if bytes < 1 << 20 {
+        return Err(format!(
+            "a memory budget must be at least 1 MiB, not {text:?}"
+        ));
+    }
+    Ok(bytes)
 }

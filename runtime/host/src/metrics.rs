@@ -3,7 +3,7 @@
 use patchbay_telemetry::{
     DURATION_BUCKETS_SECONDS, ExemplarHistogram, ExemplarHistogramVec, Metrics,
 };
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounterVec};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec};
 
 /// Buckets for instantiation, which takes microseconds, not milliseconds.
 const INSTANTIATE_BUCKETS_SECONDS: &[f64] = &[
@@ -41,6 +41,21 @@ pub struct HostMetrics {
     /// `patchbay_runtime_instances{kind}`: pooling-allocator slots in use now
     /// (`component`, `core`, `memory`), sampled every second.
     pub instances: GaugeVec,
+    /// `patchbay_fn_shed_total{function,reason}`: invocations refused before they started
+    /// because the node could not take them in time; `reason="memory"`: the node's memory
+    /// budget stayed full until the event's deadline (or, without one, for the version's
+    /// timeout). Each is also answered (and counted in `patchbay_fn_invocations_total`) as
+    /// `overloaded`.
+    pub shed: IntCounterVec,
+    /// `patchbay_fn_concurrency_limit{function}`: invocations of the served version this
+    /// node runs at once — its `--concurrency`, capped by how many of its memory
+    /// reservations fit in the node's memory budget.
+    pub concurrency_limit: GaugeVec,
+    /// `patchbay_runtime_memory_budget_bytes`: the node's memory budget.
+    pub memory_budget: Gauge,
+    /// `patchbay_runtime_memory_reserved_bytes`: how much of it running invocations hold,
+    /// sampled every second.
+    pub memory_reserved: Gauge,
 }
 
 impl HostMetrics {
@@ -104,6 +119,30 @@ impl HostMetrics {
                 "Pooling-allocator slots in use: component instances, core instances, memories.",
                 &["kind"],
             )?,
+            shed: metrics.counter_vec(
+                "patchbay_fn_shed_total",
+                "Invocations refused before they started because the node could not take them in time.",
+                &["function", "reason"],
+            )?,
+            concurrency_limit: metrics.gauge_vec(
+                "patchbay_fn_concurrency_limit",
+                "Invocations of the served version run at once: its concurrency, capped by the memory budget.",
+                &["function"],
+            )?,
+            memory_budget: metrics
+                .gauge_vec(
+                    "patchbay_runtime_memory_budget_bytes",
+                    "Linear memory all invocations on this node may reserve together.",
+                    &[],
+                )?
+                .with_label_values::<&str>(&[]),
+            memory_reserved: metrics
+                .gauge_vec(
+                    "patchbay_runtime_memory_reserved_bytes",
+                    "Linear memory reserved by running invocations.",
+                    &[],
+                )?
+                .with_label_values::<&str>(&[]),
         })
     }
 }
@@ -115,6 +154,8 @@ pub(crate) struct VersionMetrics {
     pub inflight: Gauge,
     pub duration: ExemplarHistogram,
     pub instantiate: Histogram,
+    /// `patchbay_fn_shed_total{function,reason="memory"}`.
+    pub shed_memory: IntCounter,
 }
 
 impl VersionMetrics {
@@ -124,6 +165,7 @@ impl VersionMetrics {
             inflight: metrics.inflight.with_label_values(&[function]),
             duration: metrics.duration.with_label_values(&[function, &version]),
             instantiate: metrics.instantiate.with_label_values(&[function, &version]),
+            shed_memory: metrics.shed.with_label_values(&[function, "memory"]),
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::engine::{Engine, EngineConfig, FunctionCode};
+use crate::limits::{BudgetError, MemoryReservation};
 use crate::metrics::HostMetrics;
 use crate::registry::{FunctionSpec, Registry, RegistryError, Trigger, VersionSpec};
 use crate::reply::{ErrorKind, FailureReply};
@@ -72,7 +73,15 @@ pub(crate) struct Deployed {
     pub name: Token,
     pub spec: VersionSpec,
     pub code: FunctionCode,
+    /// One permit per invocation running at once: [`Deployed::concurrency`] of them.
     pub limiter: Arc<Semaphore>,
+    /// Invocations of this version the node runs at once: the version's
+    /// `max_concurrency`, capped by how many of its memory reservations fit in the
+    /// node's memory budget.
+    pub concurrency: u32,
+    /// What each invocation reserves from the node's memory budget, bytes: the version's
+    /// memory limit, cut to the engine's per-instance ceiling.
+    pub memory_bytes: u64,
     /// The version's limits in the engine's terms.
     pub limits: crate::limits::Limits,
     /// The version's configuration, shared by every invocation.
@@ -222,19 +231,25 @@ pub async fn run(
     Ok(())
 }
 
-/// Every second, the pooling allocator's slots in use as `patchbay_runtime_instances`.
+/// Every second, the pooling allocator's slots in use as `patchbay_runtime_instances`
+/// and the memory budget's reservations as `patchbay_runtime_memory_reserved_bytes`.
 async fn sample_instances(node: Arc<Node>) {
-    let Some(pool) = node.engine.wasmtime().pooling_allocator_metrics() else {
-        return;
-    };
+    let pool = node.engine.wasmtime().pooling_allocator_metrics();
+    let budget = node.engine.memory_budget();
+    node.metrics.memory_budget.set(budget.total_bytes() as f64);
     let gauge = |kind: &str| node.metrics.instances.with_label_values(&[kind]);
     let (components, cores, memories) = (gauge("component"), gauge("core"), gauge("memory"));
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;
-        components.set(pool.component_instances() as f64);
-        cores.set(pool.core_instances() as f64);
-        memories.set(pool.memories() as f64);
+        node.metrics
+            .memory_reserved
+            .set(budget.reserved_bytes() as f64);
+        if let Some(pool) = &pool {
+            components.set(pool.component_instances() as f64);
+            cores.set(pool.core_instances() as f64);
+            memories.set(pool.memories() as f64);
+        }
     }
 }
 
@@ -334,6 +349,10 @@ impl Node {
                 .loaded
                 .with_label_values(&[name.as_str(), &deployed.spec.version.to_string()])
                 .set(1.0);
+            self.metrics
+                .concurrency_limit
+                .with_label_values(&[name.as_str()])
+                .set(f64::from(deployed.concurrency));
             tracing::info!(version = deployed.spec.version, digest = %deployed.spec.digest, trigger = %deployed.spec.trigger, "serving");
             self.ensure_trigger(&name, &deployed.spec.trigger);
         }
@@ -366,6 +385,7 @@ impl Node {
             max_memory_bytes: usize::try_from(version.limits.memory_bytes).unwrap_or(usize::MAX),
             ..crate::limits::Limits::default()
         };
+        let (memory_bytes, concurrency) = self.memory_plan(version, &limits)?;
         Some(Arc::new(Deployed {
             metrics: crate::metrics::VersionMetrics::new(
                 &self.metrics,
@@ -373,15 +393,57 @@ impl Node {
                 version.version,
             ),
             name: name.clone(),
-            limiter: Arc::new(Semaphore::new(
-                version.limits.max_concurrency.max(1) as usize
-            )),
+            limiter: Arc::new(Semaphore::new(concurrency as usize)),
+            concurrency,
+            memory_bytes,
             limits,
             config: Arc::new(version.config.clone()),
             allow,
             spec: version.clone(),
             code,
         }))
+    }
+
+    /// What each invocation of `version` reserves from the memory budget and how many may
+    /// run at once; `None` (logged) when not even one fits in the budget.
+    fn memory_plan(
+        &self,
+        version: &VersionSpec,
+        limits: &crate::limits::Limits,
+    ) -> Option<(u64, u32)> {
+        let budget = self.engine.memory_budget();
+        let memory_bytes = self.engine.instance_memory_bytes(limits) as u64;
+        let (memory_mib, budget_mib) = (memory_bytes >> 20, budget.total_bytes() >> 20);
+        if memory_bytes < version.limits.memory_bytes {
+            tracing::warn!(
+                version = version.version,
+                limit_mib = version.limits.memory_bytes >> 20,
+                ceiling_mib = memory_mib,
+                "memory limit above this node's per-instance ceiling: instances get the ceiling"
+            );
+        }
+        let wanted = version.limits.max_concurrency.max(1);
+        let Some(concurrency) = crate::limits::effective_concurrency(budget, memory_bytes, wanted)
+        else {
+            tracing::error!(
+                version = version.version,
+                memory_mib,
+                budget_mib,
+                "cannot serve function version: one instance's memory limit exceeds this node's whole memory budget; keeping the previous one"
+            );
+            return None;
+        };
+        if concurrency < wanted {
+            tracing::warn!(
+                version = version.version,
+                concurrency,
+                wanted,
+                memory_mib,
+                budget_mib,
+                "concurrency capped by the node's memory budget: {concurrency} × {memory_mib} MiB fit in {budget_mib} MiB, not {wanted}"
+            );
+        }
+        Some((memory_bytes, concurrency))
     }
 
     fn remove(&self, name: &str) {
@@ -396,6 +458,7 @@ impl Node {
                 .metrics
                 .loaded
                 .remove_label_values(&[name, &old.spec.version.to_string()]);
+            let _ = self.metrics.concurrency_limit.remove_label_values(&[name]);
         }
         if let Some(t) = self
             .triggers
@@ -481,6 +544,64 @@ impl Node {
         Ok(store)
     }
 
+    /// Wait until the memory budget has room for an invocation of `function`'s served
+    /// version, keeping nothing: a pull consumer calls it so that it does not take a
+    /// message off its queue that could not start yet (the invocation still reserves, and
+    /// may wait its turn, in [`Node::invoke`]).
+    pub(crate) async fn wait_for_memory(&self, function: &str) {
+        if let Some(f) = self.function(function) {
+            self.engine
+                .memory_budget()
+                .wait_for_room(f.memory_bytes)
+                .await;
+        }
+    }
+
+    /// Reserve `f`'s memory from the node's budget, waiting in line at most half the time
+    /// left before the event's deadline — past that it could do little of its work, and
+    /// the refusal still reaches a caller who gives up at the deadline — or, without a
+    /// deadline, for the version's timeout (so a stream message that waited the longest
+    /// still finishes within its `ack_wait` of twice the timeout). What cannot start in
+    /// time is shed: counted, and answered `overloaded`.
+    async fn reserve_memory(
+        &self,
+        f: &Deployed,
+        deadline: Option<Deadline>,
+    ) -> Result<MemoryReservation, Outcome> {
+        let budget = self.engine.memory_budget();
+        // The common case: free now, no clock read.
+        let refused = match budget.try_reserve(f.memory_bytes) {
+            Ok(memory) => return Ok(memory),
+            Err(refused @ BudgetError::TooLarge { .. }) => refused,
+            Err(BudgetError::Exhausted { .. }) => {
+                let wait = match deadline {
+                    Some(d) => match d.remaining(self.bus.clock()) {
+                        Some(left) => left / 2,
+                        None => {
+                            return Err(Outcome::Error(
+                                ErrorKind::DeadlineExceeded,
+                                "the event's deadline passed before it could start".into(),
+                            ));
+                        }
+                    },
+                    None => f.limits.timeout,
+                };
+                let now = tokio::time::Instant::now();
+                // A timeout too long to represent waits as good as forever.
+                let until = now
+                    .checked_add(wait)
+                    .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+                match budget.reserve(f.memory_bytes, until).await {
+                    Ok(memory) => return Ok(memory),
+                    Err(refused) => refused,
+                }
+            }
+        };
+        f.metrics.shed_memory.inc();
+        tracing::warn!(error = %refused, "shed an invocation: no memory to run it in time");
+        Err(Outcome::Error(ErrorKind::Overloaded, refused.to_string()))
+    }
+
     /// Run `f` on `event` (which arrived on `subject`) and account for it.
     pub(crate) async fn invoke(
         self: &Arc<Self>,
@@ -504,8 +625,12 @@ impl Node {
             let Ok(_permit) = f.limiter.acquire().await else {
                 return Outcome::Error(ErrorKind::Overloaded, "function is shutting down".into());
             };
+            let memory = match self.reserve_memory(f, deadline).await {
+                Ok(memory) => memory,
+                Err(refused) => return refused,
+            };
             f.metrics.inflight.inc();
-            let outcome = crate::dispatch::run(self, f, subject, event, deadline).await;
+            let outcome = crate::dispatch::run(self, f, subject, event, deadline, memory).await;
             f.metrics.inflight.dec();
             outcome
         }

@@ -15,9 +15,19 @@ pub struct EngineConfig {
     /// invocation beyond it fails with `InvokeError::AtCapacity` instead of allocating.
     /// Default 256.
     pub max_concurrent_instances: u32,
-    /// Ceiling for any one linear memory (a per-invocation `Limits::max_memory_bytes`
-    /// above it is cut to it). Default 512 MiB.
+    /// Ceiling for one instance's linear memory: the pooling allocator's per-memory
+    /// slot size, and the most an invocation reserves from the memory budget (a
+    /// per-invocation `Limits::max_memory_bytes` above it is cut to it, so an instance
+    /// never holds more than it reserved). Default
+    /// [`MAX_INSTANCE_MEMORY_BYTES`](crate::limits::MAX_INSTANCE_MEMORY_BYTES), 512 MiB,
+    /// the largest `--memory` a deploy accepts.
     pub max_memory_bytes: usize,
+    /// Linear memory all instances together may hold (the [`crate::limits::MemoryBudget`]
+    /// behind [`Engine::memory_budget`](super::Engine::memory_budget)): an invocation
+    /// reserves its memory limit from it before it starts and returns it when its
+    /// instance is gone. Default 4 GiB
+    /// ([`DEFAULT_MEMORY_BUDGET_BYTES`](crate::limits::DEFAULT_MEMORY_BUDGET_BYTES)).
+    pub memory_budget_bytes: u64,
     /// Largest component `Engine::load` accepts, in bytes (a componentize-py function is
     /// ~18 MB). Default 64 MiB.
     pub max_component_bytes: usize,
@@ -54,7 +64,8 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_concurrent_instances: 256,
-            max_memory_bytes: 512 << 20,
+            max_memory_bytes: crate::limits::MAX_INSTANCE_MEMORY_BYTES,
+            memory_budget_bytes: crate::limits::DEFAULT_MEMORY_BUDGET_BYTES,
             max_component_bytes: 64 << 20,
             epoch_tick: Duration::from_millis(10),
             fuel: None,

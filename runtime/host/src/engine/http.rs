@@ -253,9 +253,7 @@ impl HttpCode {
         wasi.allow_tcp(false)
             .allow_udp(false)
             .stderr(stderr.clone());
-        let max_memory_bytes = limits
-            .max_memory_bytes
-            .min(engine.inner.config.max_memory_bytes);
+        let max_memory_bytes = engine.instance_memory_bytes(limits);
         let state = HttpState {
             wasi: wasi.build(),
             table: ResourceTable::new(),

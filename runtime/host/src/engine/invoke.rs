@@ -11,21 +11,35 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{Engine, FunctionCode};
 use crate::capabilities::{CallContext, HostCapabilities, PublishAllowList};
-use crate::limits::{CallLimiter, Limits};
+use crate::limits::{CallLimiter, Limits, MemoryReservation};
 use crate::world::{Event, Failure, Level};
 
 /// Everything one invocation runs with besides the event: limits, deadline, the
 /// function's configuration and publish allow-list, and the bus behind its imports.
 ///
 /// Built once per function version and cloned per event (clones share the config, the
-/// allow-list and the capabilities).
-#[derive(Clone)]
+/// allow-list and the capabilities, but not a memory reservation).
 pub struct Invocation {
     capabilities: Arc<dyn HostCapabilities>,
     limits: Limits,
     deadline: Option<Instant>,
     config: Arc<BTreeMap<String, String>>,
     allow_publish: PublishAllowList,
+    memory: Option<MemoryReservation>,
+}
+
+impl Clone for Invocation {
+    /// A clone without the memory reservation: one reservation backs one instance.
+    fn clone(&self) -> Self {
+        Self {
+            capabilities: Arc::clone(&self.capabilities),
+            limits: self.limits,
+            deadline: self.deadline,
+            config: Arc::clone(&self.config),
+            allow_publish: self.allow_publish.clone(),
+            memory: None,
+        }
+    }
 }
 
 impl Invocation {
@@ -38,6 +52,7 @@ impl Invocation {
             deadline: None,
             config: Arc::default(),
             allow_publish: PublishAllowList::deny_all(),
+            memory: None,
         }
     }
 
@@ -70,6 +85,16 @@ impl Invocation {
         self.allow_publish = allow_publish;
         self
     }
+
+    /// Run on memory reserved from the engine's budget
+    /// ([`Engine::memory_budget`](super::Engine::memory_budget)): the instance may grow
+    /// to no more than the reservation (nor its own limit), and the reservation is
+    /// released only after the instance has been dropped.
+    #[must_use]
+    pub fn memory(mut self, reservation: MemoryReservation) -> Self {
+        self.memory = Some(reservation);
+        self
+    }
 }
 
 impl std::fmt::Debug for Invocation {
@@ -79,6 +104,10 @@ impl std::fmt::Debug for Invocation {
             .field("deadline", &self.deadline)
             .field("config_keys", &self.config.keys().collect::<Vec<_>>())
             .field("allow_publish", &self.allow_publish)
+            .field(
+                "reserved_bytes",
+                &self.memory.as_ref().map(MemoryReservation::bytes),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -278,12 +307,15 @@ impl FunctionCode {
                 digest: self.inner.digest.clone(),
             });
         }
+        // `reservation` is declared before the store, so it is dropped after it: the memory
+        // goes back to the budget only once the instance no longer holds it.
         let Invocation {
             capabilities,
             limits,
             deadline: upstream,
             config,
             allow_publish,
+            memory: reservation,
         } = invocation;
         // An unrepresentable timeout (Duration::MAX) means "no timeout of our own".
         let own = start.checked_add(limits.timeout);
@@ -295,9 +327,12 @@ impl FunctionCode {
             (Some(only), None) | (None, Some(only)) => only,
             (None, None) => start + Duration::from_secs(365 * 24 * 3600),
         };
-        let max_memory_bytes = limits
-            .max_memory_bytes
-            .min(engine.inner.config.max_memory_bytes);
+        let max_memory_bytes = match &reservation {
+            Some(reserved) => engine
+                .instance_memory_bytes(&limits)
+                .min(usize::try_from(reserved.bytes()).unwrap_or(usize::MAX)),
+            None => engine.instance_memory_bytes(&limits),
+        };
         let fuel = engine
             .inner
             .config
