@@ -39,7 +39,7 @@ fi
 
 if [ ! -x "$venv/bin/schemathesis" ]; then
     echo "install-test-tools: installing schemathesis into $venv" >&2
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis>=3.30,<4" >&2 \
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis>=4.1,<5" >&2 \
         || die "pip could not install schemathesis (is PyPI reachable?)"
 fi
 "$venv/bin/schemathesis" --version >/dev/null 2>&1 \

@@ -26,9 +26,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use async_nats::jetstream::{kv, stream};
 use futures::StreamExt as _;
 use patchbay_bus::{Bus, BusNotice};
-use patchbay_cli::access::{AccessPolicy, Expectations};
+use patchbay_cli::access::{AccessPolicy, Expectations, Undeclared};
 use patchbay_cli::certs::Identity;
 use patchbay_cli::streams::Declaration;
 use patchbay_tests::{Stack, repo_root};
@@ -103,6 +104,8 @@ fn ops(e: &Expectations) -> Vec<Op> {
             .collect::<Vec<_>>()
     };
     let mut out = publish(&e.publish_allowed, true);
+    // What deploy/access.toml says a glob reaches on undeclared assets: the server must agree.
+    out.extend(publish(&e.publish_glob_reachable, true));
     out.extend(publish(&e.publish_refused, false));
     out.extend(subscribe(&e.subscribe_allowed, true));
     out.extend(subscribe(&e.subscribe_refused, false));
@@ -452,6 +455,7 @@ async fn no_workload_may_create_or_delete_any_declared_stream_bucket_or_consumer
             publish_refused: subjects.clone(),
             subscribe_allowed: Vec::new(),
             subscribe_refused: Vec::new(),
+            publish_glob_reachable: Vec::new(),
         };
         failures.extend(check_identity(&stack, &observer, who, &e).await);
     }
@@ -463,6 +467,132 @@ async fn no_workload_may_create_or_delete_any_declared_stream_bucket_or_consumer
             failures.push(format!("stream {} is gone", stream.name));
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A JetStream read as `bus`, answered within a short bound: the reply's payload, or `None`
+/// (refused requests get no reply).
+async fn read_as(bus: &Bus, subject: String, body: serde_json::Value) -> Option<String> {
+    let request = bus.client().request(subject, body.to_string().into());
+    match tokio::time::timeout(Duration::from_secs(2), request).await {
+        Ok(Ok(reply)) => Some(String::from_utf8_lossy(&reply.payload).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_streams_and_buckets_the_admin_creates_are_out_of_every_workloads_reach() {
+    // The admin creates what nobody declared (`[undeclared]` in deploy/access.toml) and
+    // stores a secret in each. Every non-admin identity is refused every probe, except the
+    // ones deploy/access.toml says the function hosts' `patchbay-fn-*` glob reaches.
+    let policy = policy();
+    let undeclared = policy.undeclared().clone();
+    assert!(!undeclared.streams.is_empty() && !undeclared.key_values.is_empty());
+    let stack = Stack::start().await;
+    let observer = stack.admin().await;
+    let js = observer.jetstream();
+    const SECRET: &str = "undeclared secret";
+    for name in &undeclared.streams {
+        js.create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![Undeclared::stream_subjects(name)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish(Undeclared::stream_message_subject(name), SECRET.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for bucket in &undeclared.key_values {
+        let store = js
+            .create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store.put("deny-matrix", SECRET.into()).await.unwrap();
+    }
+    let probes = undeclared.probes();
+    let mut failures = Vec::new();
+    for who in policy
+        .identities()
+        .iter()
+        .filter(|id| **id != Identity::admin())
+    {
+        let full = policy.expectations(who).unwrap();
+        let refused: Vec<String> = probes
+            .iter()
+            .filter(|p| full.publish_refused.contains(p))
+            .cloned()
+            .collect();
+        if refused.len() + full.publish_glob_reachable.len() != probes.len() {
+            failures.push(format!(
+                "{who}: some probes are neither refused nor documented"
+            ));
+        }
+        let e = Expectations {
+            identity: who.clone(),
+            publish_allowed: full.publish_glob_reachable.clone(),
+            publish_refused: refused,
+            subscribe_allowed: Vec::new(),
+            subscribe_refused: Vec::new(),
+            publish_glob_reachable: Vec::new(),
+        };
+        failures.extend(check_identity(&stack, &observer, who, &e).await);
+
+        // And by effect: the stored messages cannot be fetched by classic or direct get.
+        let bus = stack.connect(&who.to_string()).await;
+        let mut reads = Vec::new();
+        for name in &undeclared.streams {
+            let stored = Undeclared::stream_message_subject(name);
+            reads.push(read_as(
+                &bus,
+                format!("$JS.API.STREAM.MSG.GET.{name}"),
+                serde_json::json!({ "last_by_subj": stored }),
+            ));
+            reads.push(read_as(
+                &bus,
+                format!("$JS.API.DIRECT.GET.{name}.{stored}"),
+                serde_json::json!({}),
+            ));
+        }
+        for bucket in &undeclared.key_values {
+            reads.push(read_as(
+                &bus,
+                format!("$JS.API.STREAM.MSG.GET.KV_{bucket}"),
+                serde_json::json!({ "last_by_subj": format!("$KV.{bucket}.deny-matrix") }),
+            ));
+        }
+        for reply in futures::future::join_all(reads).await.into_iter().flatten() {
+            // MSG.GET answers base64 data; DIRECT.GET the raw message.
+            if reply.contains(SECRET) || reply.contains("dW5kZWNsYXJlZCBzZWNyZXQ=") {
+                failures.push(format!("{who} read an undeclared asset: {reply}"));
+            }
+        }
+    }
+    // The admin itself can read them (the probes are meaningful).
+    let admin_read = read_as(
+        &observer,
+        format!("$JS.API.STREAM.MSG.GET.{}", undeclared.streams[0]),
+        serde_json::json!({
+            "last_by_subj": Undeclared::stream_message_subject(&undeclared.streams[0])
+        }),
+    )
+    .await
+    .unwrap_or_default();
+    assert!(
+        admin_read.contains("dW5kZWNsYXJlZCBzZWNyZXQ="),
+        "the admin cannot read its own stream: {admin_read}"
+    );
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",

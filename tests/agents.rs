@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -18,7 +19,7 @@ use patchbay_bus::{Bus, CloudEvent, RequestOptions};
 use patchbay_protocol::payload::{AgentMissed, AgentStateChanged, CallUpdate};
 use patchbay_tests::{
     Process, Stack, free_port, http_get, metric_value, publish_json, publish_raw_event,
-    stored_count, wait_consumers_settled, wait_ready,
+    stored_count, stored_messages, wait_consumers_settled, wait_ready,
 };
 use serde_json::json;
 
@@ -37,6 +38,13 @@ impl Agents {
     /// Start `patchbay-agents` as `instance` with `engine_toml` as its config file, and wait
     /// until it is ready (snapshot loaded, consumers bound).
     async fn start(stack: &Stack, instance: &str, engine_toml: &str) -> Self {
+        let agents = Self::spawn(stack, instance, engine_toml);
+        wait_ready(&agents.admin, READY).await;
+        agents
+    }
+
+    /// Start `patchbay-agents` without waiting for it to be ready.
+    fn spawn(stack: &Stack, instance: &str, engine_toml: &str) -> Self {
         let config = stack.state_dir().join(format!("{instance}.toml"));
         std::fs::write(&config, engine_toml).unwrap();
         let admin = format!("127.0.0.1:{}", free_port());
@@ -52,9 +60,7 @@ impl Agents {
                 ("PATCHBAY_LOG", "info,patchbay_agents=debug"),
             ],
         );
-        let agents = Self { process, admin };
-        wait_ready(&agents.admin, READY).await;
-        agents
+        Self { process, admin }
     }
 
     async fn metrics(&self) -> String {
@@ -490,6 +496,416 @@ async fn answers_queue_statistics_on_request_and_exports_them_as_gauges() {
             1.0,
         )
         .await;
+}
+
+/// Fresh decisions published under an id the stream already held (a restarted engine
+/// contradicting what its predecessor published): must stay 0.
+const DIVERGENCE: &str = "patchbay_agents_replay_divergence_total";
+
+/// A call's place in its life, as the stream tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Waiting { offered_to: Option<String> },
+    Assigned(String),
+    Finished,
+}
+
+/// What CC_CALLS and CC_AGENTS say the agents service decided, replayed in stream order
+/// and checked for contradictions.
+///
+/// Assumes offers end only by assignment or abandonment (no rejects, no offer timeouts, no
+/// log-outs while offered), voice calls only: then an agent holds at most one call or
+/// offer at a time, and every call event follows from the previous one.
+#[derive(Debug, Default)]
+struct Audit {
+    /// Everything stored that a correct service cannot have decided.
+    violations: Vec<String>,
+    /// Per call: its phase after its last stored event.
+    calls: BTreeMap<String, Phase>,
+    /// Per agent: its last published state and sequence number.
+    agents: BTreeMap<String, (String, u64)>,
+}
+
+impl Audit {
+    async fn of_streams(admin: &Bus) -> Self {
+        const DECIDED: [&str; 6] = [
+            "queued",
+            "offered",
+            "assigned",
+            "abandoned",
+            "overflowed",
+            "ended",
+        ];
+        let mut audit = Self::default();
+        let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
+        let mut holding: BTreeMap<String, String> = BTreeMap::new();
+        for msg in stored_messages(admin, "CC_CALLS", "cc.v1.calls.>").await {
+            let kind = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            if !DECIDED.contains(&kind.as_str()) {
+                continue;
+            }
+            let event = CloudEvent::from_message(msg.headers.as_ref(), &msg.payload).unwrap();
+            let update: CallUpdate = event.data_json().unwrap();
+            let call = update.call_id.clone();
+            let at = format!(
+                "{kind} of {call} (seq {}, agent {:?}, from {})",
+                update.seq, update.agent, event.source
+            );
+            if event.id != format!("call-{call}-{}", update.seq) {
+                audit.violations.push(format!("{at}: id {}", event.id));
+            }
+            // Routed calls carry seq 1; the agents service continues from 2.
+            let previous = last_seq.insert(call.clone(), update.seq).unwrap_or(1);
+            if update.seq != previous + 1 {
+                audit.violations.push(format!(
+                    "{at}: follows seq {previous} (an event is missing)"
+                ));
+            }
+            let agent = update.agent.clone().unwrap_or_default();
+            let phase = audit.calls.get(&call).cloned();
+            let next = match (kind.as_str(), phase) {
+                ("queued", None) => Some(Phase::Waiting { offered_to: None }),
+                ("offered", Some(Phase::Waiting { offered_to: None })) => {
+                    if let Some(held) = holding.insert(agent.clone(), call.clone()) {
+                        audit
+                            .violations
+                            .push(format!("{at}: {agent} still holds {held}"));
+                    }
+                    Some(Phase::Waiting {
+                        offered_to: Some(agent),
+                    })
+                }
+                (
+                    "assigned",
+                    Some(Phase::Waiting {
+                        offered_to: Some(to),
+                    }),
+                ) if to == agent => Some(Phase::Assigned(agent)),
+                ("ended", Some(Phase::Assigned(to))) if to == agent => {
+                    if holding.get(&agent) == Some(&call) {
+                        holding.remove(&agent);
+                    }
+                    Some(Phase::Finished)
+                }
+                ("abandoned", Some(Phase::Waiting { offered_to })) => {
+                    if let Some(to) = offered_to
+                        && holding.get(&to) == Some(&call)
+                    {
+                        holding.remove(&to);
+                    }
+                    Some(Phase::Finished)
+                }
+                ("overflowed", Some(waiting @ Phase::Waiting { offered_to: None })) => {
+                    Some(waiting)
+                }
+                (_, phase) => {
+                    audit
+                        .violations
+                        .push(format!("{at}: impossible after {phase:?}"));
+                    None
+                }
+            };
+            if let Some(next) = next {
+                audit.calls.insert(call, next);
+            }
+        }
+        for msg in stored_messages(admin, "CC_AGENTS", "cc.v1.agents.*.evt.>").await {
+            let event = CloudEvent::from_message(msg.headers.as_ref(), &msg.payload).unwrap();
+            let data: serde_json::Value = event.data_json().unwrap();
+            let agent = msg.subject.split('.').nth(3).unwrap_or_default().to_owned();
+            let seq = data["seq"].as_u64().unwrap_or_default();
+            let at = format!(
+                "{} {} (seq {seq}, from {})",
+                msg.subject, data, event.source
+            );
+            if event.id != format!("agent-{agent}-{seq}") {
+                audit.violations.push(format!("{at}: id {}", event.id));
+            }
+            let (state, previous) = audit
+                .agents
+                .get(&agent)
+                .cloned()
+                .unwrap_or_else(|| ("offline".to_owned(), 0));
+            if seq != previous + 1 {
+                audit.violations.push(format!(
+                    "{at}: follows seq {previous} (an event is missing)"
+                ));
+            }
+            let state = if msg.subject.ends_with(".state-changed") {
+                if data["from"] != json!(state) {
+                    audit
+                        .violations
+                        .push(format!("{at}: the agent was {state}"));
+                }
+                data["to"].as_str().unwrap_or_default().to_owned()
+            } else {
+                state
+            };
+            audit.agents.insert(agent, (state, seq));
+        }
+        audit
+    }
+
+    /// Panic with every contradiction found (and `context`).
+    fn assert_consistent(&self, context: &str) {
+        assert!(
+            self.violations.is_empty(),
+            "{context}: the streams contradict themselves:\n{}",
+            self.violations.join("\n")
+        );
+    }
+
+    /// Calls the stream shows neither ended nor abandoned.
+    fn unfinished(&self) -> Vec<(&str, &Phase)> {
+        self.calls
+            .iter()
+            .filter(|(_, phase)| **phase != Phase::Finished)
+            .map(|(call, phase)| (call.as_str(), phase))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_overtaking_a_redelivered_accept_after_a_crash_never_contradicts_the_stream() {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let config = "offer_timeout_ms = 600000\nwrap_up_ms = 0\n";
+    let mut first = Agents::start(&stack, "agents-1", config).await;
+    let mut events = Events::subscribe(&admin).await;
+
+    log_in(&admin, "a-1", "sales").await;
+    events.agent_state("a-1", "available").await;
+    route(&admin, "c-1", "sales", None).await;
+    let (offered, _) = events.call("c-1", "offered").await;
+    assert_eq!(offered.agent.as_deref(), Some("a-1"));
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+
+    // The crash point "accept applied, snapshot not written", reached deterministically:
+    // the admin writes the stored snapshot back unchanged, so its revision moves and
+    // agents-1's next snapshot write is fenced; agents-1 stops there without acking, as a
+    // kill -9 at that instant would. Its successor restores exactly the state before the
+    // accept.
+    let kv = admin.jetstream().get_key_value("cc-agents").await.unwrap();
+    let before = kv.entry("engine").await.unwrap().unwrap().value;
+    kv.put("engine", before).await.unwrap();
+    accept(&admin, "a-1", "c-1").await;
+    patchbay_tests::eventually(READY, "agents-1 to stop, fenced", || {
+        let stopped = !first.process.is_running();
+        async move { stopped.then_some(()) }
+    })
+    .await;
+    assert!(
+        first.process.log().contains("another instance"),
+        "{}",
+        first.process.log()
+    );
+
+    // The caller hangs up while no engine runs. After the restart the hangup is delivered
+    // at once, the accept only after the consumer's ack_wait: the reported interleaving.
+    hang_up(&admin, "c-1").await;
+    let second = Agents::start(&stack, "agents-2", config).await;
+    second
+        .wait_for_metric(
+            r#"patchbay_agents_inputs_total{input="hangup",outcome="applied"}"#,
+            1.0,
+        )
+        .await;
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    // Whatever the engine now believes about a-1, the stream must agree: a new call is
+    // offered to it only if the stream shows it free.
+    route(&admin, "c-2", "sales", None).await;
+    let (offered, _) = events.call("c-2", "offered").await;
+    assert_eq!(offered.agent.as_deref(), Some("a-1"));
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+
+    let audit = Audit::of_streams(&admin).await;
+    audit.assert_consistent("after the restart");
+    assert_eq!(
+        audit.calls.get("c-1"),
+        Some(&Phase::Finished),
+        "the stream must show c-1 over: {audit:?}"
+    );
+    let stored: Vec<String> = stored_messages(&admin, "CC_CALLS", "cc.v1.calls.c-1.>")
+        .await
+        .iter()
+        .map(|m| m.subject.rsplit('.').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        stored,
+        ["routed", "queued", "offered", "hangup", "abandoned"],
+        "the unpersisted accept was never published; the restarted engine's abandon is"
+    );
+    assert_eq!(metric_value(&second.metrics().await, DIVERGENCE), 0.0);
+}
+
+/// Iterations of the randomised crash test, each on a fresh stack with one kill -9.
+const CRASH_ITERATIONS: usize = 5;
+/// Agents logged in per iteration.
+const CRASH_AGENTS: usize = 20;
+/// Calls per iteration (300 over the whole test).
+const CRASH_CALLS: usize = 60;
+/// Bound on one iteration, from the stack's start to the last check.
+const CRASH_ITERATION_LIMIT: Duration = Duration::from_secs(180);
+
+/// Make both agents consumers redeliver after `ack_wait` (instead of the deployed 30 s), so
+/// what a killed process held comes back within an iteration — still behind newer inputs.
+async fn shorten_ack_wait(admin: &Bus, ack_wait: Duration) {
+    use async_nats::jetstream::consumer;
+    for (stream, name) in CONSUMERS {
+        let stream = admin.jetstream().get_stream(stream).await.unwrap();
+        let mut bound: consumer::Consumer<consumer::Config> =
+            stream.get_consumer(name).await.unwrap();
+        let mut config = bound.info().await.unwrap().config.clone();
+        config.ack_wait = ack_wait;
+        stream.update_consumer(config).await.unwrap();
+    }
+}
+
+/// Agent desktops and callers: every offer is accepted, every assigned call is hung up,
+/// each after a random pause (load, not a wait), until the task is aborted.
+async fn desktops(bus: Bus) {
+    let mut sub = bus.client().subscribe("cc.v1.calls.*.*").await.unwrap();
+    bus.client().flush().await.unwrap();
+    while let Some(msg) = futures::StreamExt::next(&mut sub).await {
+        let subject = msg.subject.to_string();
+        let Ok(event) = CloudEvent::from_message(msg.headers.as_ref(), &msg.payload) else {
+            continue;
+        };
+        let (accepting, hanging_up) = (
+            subject.ends_with(".offered"),
+            subject.ends_with(".assigned"),
+        );
+        if !accepting && !hanging_up {
+            continue;
+        }
+        let Ok(update) = event.data_json::<CallUpdate>() else {
+            continue;
+        };
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let pause = rand::random_range(0..if accepting { 30 } else { 120 });
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            match (accepting, update.agent) {
+                (true, Some(agent)) => accept(&bus, &agent, &update.call_id).await,
+                (false, _) => hang_up(&bus, &update.call_id).await,
+                (true, None) => {}
+            }
+        });
+    }
+}
+
+/// What one crash iteration measured on the restarted process.
+#[derive(Debug)]
+struct CrashReport {
+    kill_after_calls: usize,
+    divergence: f64,
+    replayed: f64,
+}
+
+/// One iteration: 20 agents, 60 calls (a quarter of them abandoned at random moments), a
+/// kill -9 of the service after a random number of calls, a restart under another name
+/// while the load goes on, then the streams audited once everything is over.
+async fn crash_iteration(iteration: usize) -> CrashReport {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    shorten_ack_wait(&admin, Duration::from_secs(3)).await;
+    let config = "offer_timeout_ms = 600000\nwrap_up_ms = 100\n";
+    let mut first = Agents::start(&stack, "agents-1", config).await;
+    let load = tokio::spawn(desktops(stack.admin().await));
+    for a in 0..CRASH_AGENTS {
+        log_in(&admin, &format!("a-{a}"), "sales").await;
+    }
+    let kill_after_calls = rand::random_range(1..CRASH_CALLS);
+    let mut second = None;
+    for c in 0..CRASH_CALLS {
+        if c == kill_after_calls {
+            // A random instant within the batch in flight, then the restart; the load goes
+            // on while it comes up.
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..15))).await;
+            first.process.kill9();
+            second = Some(Agents::spawn(&stack, "agents-2", config));
+        }
+        let call = format!("c-{c}");
+        route(&admin, &call, "sales", None).await;
+        if rand::random_bool(0.25) {
+            let bus = admin.clone();
+            tokio::spawn(async move {
+                let pause = rand::random_range(0..400);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                hang_up(&bus, &call).await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..20))).await;
+    }
+    let second = second.expect("the kill happens within the load");
+    wait_ready(&second.admin, READY).await;
+
+    // Bounded: every call over, every agent available again, or a contradiction found.
+    let context = format!("iteration {iteration}, killed after {kill_after_calls} calls");
+    let mut audit = Audit::of_streams(&admin).await;
+    for _ in 0..240 {
+        let over = audit.calls.len() == CRASH_CALLS
+            && audit.unfinished().is_empty()
+            && audit.agents.len() == CRASH_AGENTS
+            && audit.agents.values().all(|(state, _)| state == "available");
+        if over || !audit.violations.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        audit = Audit::of_streams(&admin).await;
+    }
+    load.abort();
+    audit.assert_consistent(&context);
+    assert_eq!(
+        audit.calls.len(),
+        CRASH_CALLS,
+        "{context}: every routed call was queued"
+    );
+    assert!(
+        audit.unfinished().is_empty(),
+        "{context}: calls the stream never shows over: {:?}",
+        audit.unfinished()
+    );
+    let busy: Vec<_> = audit
+        .agents
+        .iter()
+        .filter(|(_, (state, _))| state != "available")
+        .collect();
+    assert!(
+        busy.is_empty(),
+        "{context}: agents not back to available: {busy:?}"
+    );
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    let metrics = second.metrics().await;
+    CrashReport {
+        kill_after_calls,
+        divergence: metric_value(&metrics, DIVERGENCE),
+        replayed: metric_value(&metrics, "patchbay_agents_replayed_outputs_total"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_under_load_never_loses_or_contradicts_a_decision() {
+    for iteration in 0..CRASH_ITERATIONS {
+        let report = tokio::time::timeout(CRASH_ITERATION_LIMIT, crash_iteration(iteration))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("iteration {iteration} took over {CRASH_ITERATION_LIMIT:?}")
+            });
+        eprintln!(
+            "crash iteration {iteration}: killed after {} calls, divergence {}, outputs published again {}",
+            report.kill_after_calls, report.divergence, report.replayed
+        );
+        assert_eq!(
+            report.divergence, 0.0,
+            "iteration {iteration}: the restarted engine contradicted the stream: {report:?}"
+        );
+    }
 }
 
 /// The parts of `patchbay_agents::QueueStats` these tests read (the tests package does not

@@ -78,3 +78,167 @@ async fn deployed_function_answers_invoke_and_ls_shows_version_trigger_and_diges
     let out = CloudEvent::from_message(got.headers.as_ref(), &got.payload).unwrap();
     assert_eq!(out.ty, "ok");
 }
+
+/// `fn deploy <misbehave> --name <name> <flags>`, expected to be refused; its stderr.
+fn refused_deploy(stack: &Stack, name: &str, flags: &[&str]) -> String {
+    let path = patchbay_tests::component("misbehave");
+    let mut args = vec!["fn", "deploy", path.to_str().unwrap(), "--name", name];
+    args.extend_from_slice(&["--wait", "0s"]);
+    args.extend_from_slice(flags);
+    stack.cli(&args).failure().stderr()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_the_access_policy_would_break_are_refused_naming_what_is_allowed_and_store_nothing()
+ {
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let js = admin.jetstream();
+    // A stream runtime nodes may pull from, gone: the deploy must fail before any upload.
+    js.delete_stream("CC_RECORDINGS").await.unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--trigger", "subject:>"],
+            &[
+                "runtime nodes may subscribe to",
+                "cc.v1.>",
+                "`>` is not covered",
+            ],
+        ),
+        (
+            &["--trigger", "subject:$SYS.>"],
+            &["patchbay.v1.fn.*.invoke", "`$SYS.>` is not covered"],
+        ),
+        (
+            &["--trigger", "subject:crm.v1.in"],
+            &["`crm.v1.in` is not covered"],
+        ),
+        (
+            &["--publish", "$JS.API.>"],
+            &["runtime nodes may publish", "`$JS.API.>` is not covered"],
+        ),
+        (&["--publish", "_INBOX.>"], &["`_INBOX.>` is not covered"]),
+        (
+            &["--publish", "cc.v1.calls.*.routed"],
+            &["owned by routing"],
+        ),
+        (
+            &["--trigger", "stream:CC_AGENT_CMDS:cc.v1.agents.*.cmd.>"],
+            &[
+                "may pull from",
+                "CC_CALLS/fn-*",
+                "CC_AGENT_CMDS/fn-refused-6",
+            ],
+        ),
+        (
+            &["--trigger", "stream:CC_RECORDINGS:cc.v1.recordings.>"],
+            &["stream CC_RECORDINGS does not exist"],
+        ),
+        (&["--canary", "150"], &["canary"]),
+    ];
+    for (i, (flags, expected)) in cases.iter().enumerate() {
+        let name = format!("refused-{i}");
+        let stderr = refused_deploy(&stack, &name, flags);
+        for text in *expected {
+            assert!(stderr.contains(text), "{flags:?}: {text:?} not in {stderr}");
+        }
+        assert!(!stderr.contains("uploaded"), "{flags:?} uploaded: {stderr}");
+        assert!(
+            js.get_key_value(format!("patchbay-fn-{name}"))
+                .await
+                .is_err(),
+            "{flags:?} left a bucket behind"
+        );
+    }
+    // Nothing was stored: no function, no artifact.
+    let ls = stack.cli(&["fn", "ls", "--json"]).success().json();
+    assert_eq!(ls, serde_json::json!([]));
+    let bytes = std::fs::read(patchbay_tests::component("misbehave")).unwrap();
+    let digest = patchbay_host::registry::digest(&bytes);
+    let artifacts = js.get_object_store("patchbay-artifacts").await.unwrap();
+    assert!(
+        artifacts.info(&digest).await.is_err(),
+        "a refused deploy uploaded the artifact"
+    );
+
+    // The same component with workable settings goes through (and only then is uploaded).
+    let path = patchbay_tests::component("misbehave");
+    let out = stack
+        .cli(&[
+            "fn",
+            "deploy",
+            path.to_str().unwrap(),
+            "--name",
+            "accepted",
+            "--wait",
+            "0s",
+            "--trigger",
+            "subject:cc.v1.tests.in",
+            "--publish",
+            "cc.v1.calls.>",
+        ])
+        .success();
+    assert!(out.stderr().contains("uploaded"), "{out:?}");
+    // A broad allow-list entry is accepted, with a note on what the server will refuse.
+    assert!(
+        out.stderr().contains("cc.v1.calls.*.routed (routing)"),
+        "{out:?}"
+    );
+    assert!(artifacts.info(&digest).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_the_server_refuses_the_node_is_reported_failed_not_served() {
+    // A stale stored policy (say, deploy/access.toml widened but the server config not
+    // re-rendered) lets `fn deploy` accept a subject the node may not subscribe to. The
+    // server refuses the subscription; the node reports the function failed, and the deploy
+    // says so instead of "serving on node-1".
+    use patchbay_cli::admission::{ACCESS_BUCKET, RULES_KEY, StoredRules};
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let store = admin
+        .jetstream()
+        .get_key_value(ACCESS_BUCKET)
+        .await
+        .unwrap();
+    let stored = store.get(RULES_KEY).await.unwrap().unwrap();
+    let mut rules: StoredRules = serde_json::from_slice(&stored).unwrap();
+    rules
+        .hosts
+        .get_mut("runtime")
+        .unwrap()
+        .subscribe
+        .push("crm.v1.>".to_owned());
+    store
+        .put(RULES_KEY, serde_json::to_vec(&rules).unwrap().into())
+        .await
+        .unwrap();
+    let _node = stack.spawn_runtime("node-1");
+
+    let path = patchbay_tests::component("misbehave");
+    let out = stack
+        .cli(&[
+            "fn",
+            "deploy",
+            path.to_str().unwrap(),
+            "--name",
+            "refused-sub",
+            "--trigger",
+            "subject:crm.v1.in",
+            "--wait",
+            "20s",
+        ])
+        .failure();
+    let stderr = out.stderr().to_lowercase();
+    assert!(
+        stderr.contains("trigger failed on node-1"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        stderr.contains("permissions violation for subscription to \"crm.v1.in\""),
+        "{}",
+        out.stderr()
+    );
+    assert!(!out.stdout().contains("serving on"), "{}", out.stdout());
+}

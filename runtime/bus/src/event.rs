@@ -200,6 +200,13 @@ impl CloudEvent {
         ];
         for (attribute, value) in optional {
             if let Some(value) = value {
+                // CloudEvents: present means a non-empty string (a media type, a URI).
+                if value.is_empty() {
+                    return Err(EventError::InvalidAttribute {
+                        attribute: attribute.to_owned(),
+                        reason: "must not be empty when present".into(),
+                    });
+                }
                 validate_value(attribute, value)?;
             }
         }
@@ -316,7 +323,8 @@ impl CloudEvent {
             source: required("source")?,
             ty: required("type")?,
             time: optional("time").map(|t| parse_time(&t)).transpose()?,
-            data_content_type: content_type.map(str::to_owned),
+            // An empty header says nothing: no media type.
+            data_content_type: content_type.filter(|ct| !ct.is_empty()).map(str::to_owned),
             data_schema: optional("dataschema"),
             subject: optional("subject"),
             extensions,

@@ -303,8 +303,9 @@ pub const RESERVED_NAMESPACES: [&str; 2] = ["$", "_INBOX"];
 /// Check that `subject` is a literal subject an external caller may publish (or send a
 /// request) to: 1 to [`MAX_PUBLISH_SUBJECT_LEN`] bytes of non-empty dot-separated tokens
 /// with no white space, control characters (NUL included) or wildcard characters (`*`,
-/// `>`), outside the [`RESERVED_NAMESPACES`]. The reserved check comes last, so
-/// [`SubjectError::Reserved`] always names a well-formed subject; every other refusal is
+/// `>`), outside the [`RESERVED_NAMESPACES`], and made of ASCII letters, digits, `-` and
+/// `_` (the [`Token`] alphabet). The reserved check comes before the alphabet, so a
+/// `$JS.API…` subject is [`SubjectError::Reserved`]; every other refusal is
 /// [`SubjectError::InvalidSubject`] with the reason.
 ///
 /// Used by the gateway before it publishes on a caller's behalf: NATS would otherwise
@@ -352,13 +353,27 @@ pub fn validate_publish_subject(subject: &str) -> Result<()> {
     } else {
         None
     };
-    match reserved {
-        Some(namespace) => Err(SubjectError::Reserved {
+    if let Some(namespace) = reserved {
+        return Err(SubjectError::Reserved {
             subject: subject.to_owned(),
             namespace,
-        }),
-        None => Ok(()),
+        });
     }
+    // Outside the reserved namespaces, every token uses the platform's identifier
+    // alphabet (that of [`Token`]): the gateway's OpenAPI document promises exactly that,
+    // and no Patchbay subject needs more.
+    for (i, token) in subject.split('.').enumerate() {
+        if let Some(c) = token
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(invalid(format!(
+                "token {} ({token:?}) has {c:?}: tokens are ASCII letters, digits, '-' and '_'",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -469,13 +484,20 @@ mod tests {
         for good in [
             "cc.v1.calls.c-1.incoming",
             "a",
-            "cc.v1.calls.caf\u{e9}.x",
             "INBOX.x",
             "x._INBOX",
-            "a$.b",
             &"x".repeat(MAX_PUBLISH_SUBJECT_LEN),
         ] {
             assert_eq!(validate_publish_subject(good), Ok(()), "{good:?}");
+        }
+        for outside_the_alphabet in ["cc.v1.calls.caf\u{e9}.x", "a$.b", "null,null", "a.b:c"] {
+            assert!(
+                matches!(
+                    validate_publish_subject(outside_the_alphabet),
+                    Err(SubjectError::InvalidSubject { .. })
+                ),
+                "{outside_the_alphabet:?}"
+            );
         }
         for (bad, reason) in [
             ("", "empty"),

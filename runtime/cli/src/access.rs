@@ -48,7 +48,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::certs::{Identity, IdentityError, is_identity_token};
 use crate::streams::{Declaration, StreamsError};
@@ -249,6 +249,24 @@ pub enum AccessError {
         /// `allowed` or `refused`.
         expected: &'static str,
     },
+    /// An `[undeclared]` probe asset that the streams declaration does declare.
+    #[error("[undeclared] names {name:?}, which the streams declaration declares")]
+    ProbeDeclared {
+        /// The asset.
+        name: String,
+    },
+    /// A non-admin reaches an undeclared asset through a grant by name (not a glob).
+    #[error(
+        "identity {identity} (group {group:?}) may publish {subject:?} on an asset nobody declared, and not through a glob"
+    )]
+    UndeclaredReachable {
+        /// The identity.
+        identity: String,
+        /// Its group.
+        group: String,
+        /// The probe subject.
+        subject: String,
+    },
     /// The subject prefix is not a literal subject.
     #[error("subject prefix {prefix:?} must be empty or a literal subject without wildcards")]
     BadPrefix {
@@ -303,6 +321,96 @@ pub struct Expectations {
     pub subscribe_allowed: Vec<String>,
     /// Subjects (possibly wildcards) a subscription to which must be refused.
     pub subscribe_refused: Vec<String>,
+    /// Probes of assets nobody declared (`[undeclared]`) that this identity's glob grants
+    /// reach: the server must let them through (they are what deploy/access.toml says a glob
+    /// can reach; every other probe is in `publish_refused`).
+    pub publish_glob_reachable: Vec<String>,
+}
+
+/// Assets no streams declaration declares, which the deny matrix creates as the admin and
+/// every other identity must be refused (`[undeclared]` in access.toml).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Undeclared {
+    /// Plain streams; the test gives each the subjects [`Undeclared::stream_subjects`].
+    pub streams: Vec<String>,
+    /// KV buckets.
+    pub key_values: Vec<String>,
+}
+
+impl Undeclared {
+    /// The subjects of probe stream `stream`, e.g. `undeclared.UNDECLARED.>`.
+    #[must_use]
+    pub fn stream_subjects(stream: &str) -> String {
+        format!("undeclared.{stream}.>")
+    }
+
+    /// The literal subject a probe message of stream `stream` is stored on.
+    #[must_use]
+    pub fn stream_message_subject(stream: &str) -> String {
+        format!("undeclared.{stream}.{EXAMPLE_TOKEN}")
+    }
+
+    /// Every probe: a literal subject per JetStream read, consume or write of each asset.
+    #[must_use]
+    pub fn probes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let stores = self
+            .streams
+            .iter()
+            .map(|s| (s.clone(), Self::stream_message_subject(s)))
+            .chain(
+                self.key_values
+                    .iter()
+                    .map(|b| (format!("KV_{b}"), format!("$KV.{b}.{EXAMPLE_TOKEN}"))),
+            );
+        for (stream, stored) in stores {
+            let c = EXAMPLE_TOKEN;
+            out.extend([
+                format!("{JS_API}.STREAM.INFO.{stream}"),
+                format!("{JS_API}.STREAM.MSG.GET.{stream}"),
+                format!("{JS_API}.DIRECT.GET.{stream}"),
+                format!("{JS_API}.DIRECT.GET.{stream}.{stored}"),
+                format!("{JS_API}.CONSUMER.CREATE.{stream}"),
+                format!("{JS_API}.CONSUMER.CREATE.{stream}.{c}"),
+                format!("{JS_API}.CONSUMER.CREATE.{stream}.{c}.{stored}"),
+                format!("{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.{c}"),
+                format!("{JS_API}.CONSUMER.INFO.{stream}.{c}"),
+                format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{c}"),
+                format!("$JS.ACK.{stream}.{c}.1.1.1.1.0"),
+            ]);
+        }
+        for bucket in &self.key_values {
+            out.push(format!("$KV.{bucket}.{EXAMPLE_TOKEN}"));
+        }
+        out
+    }
+}
+
+/// What a group that hosts functions (runtime nodes, gateways) may do with application
+/// subjects and consumers, as `patchbay fn deploy` checks triggers and allow-lists against
+/// it. Subjects are without the subject prefix; `$…` entries (discovery, `$JS.API.INFO`) are
+/// left out, since they are never a function's trigger or output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRules {
+    /// The group.
+    pub group: String,
+    /// Application subjects (patterns) the group may subscribe to.
+    pub subscribe: Vec<String>,
+    /// Application subjects (patterns) the group may publish.
+    pub publish: Vec<String>,
+    /// Subjects other groups own, which this group may never publish.
+    pub owned: Vec<OwnedSubject>,
+    /// Durable consumers the group may pull from, `STREAM/consumer` (`*` ends a glob).
+    pub consume: Vec<String>,
+}
+
+/// A subject pattern some group owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedSubject {
+    /// The owning group.
+    pub group: String,
+    /// The pattern.
+    pub subject: String,
 }
 
 /// A validated access policy.
@@ -312,6 +420,7 @@ pub struct AccessPolicy {
     groups: Vec<Group>,
     never_publish: Vec<String>,
     never_subscribe: Vec<String>,
+    undeclared: Undeclared,
     catalog: Catalog,
     prefix: String,
 }
@@ -445,6 +554,8 @@ enum Grant {
 struct Rule {
     allow: String,
     deny_candidates: Vec<String>,
+    /// Whether the allow comes from a glob (reaches assets nobody declared).
+    glob: bool,
 }
 
 /// Names declared in `deploy/streams.toml`.
@@ -537,13 +648,13 @@ impl Grant {
                     format!("$JS.ACK.{stream}.{c}.1.1.1.1.0"),
                 ]
             }
-            Self::KvRead(bucket) => stream_read_examples(&format!("KV_{}", bucket.example())),
+            Self::KvRead(bucket) => stream_read_examples(bucket, "KV_"),
             Self::KvWrite(bucket) => {
-                let mut examples = stream_read_examples(&format!("KV_{}", bucket.example()));
+                let mut examples = stream_read_examples(bucket, "KV_");
                 examples.push(format!("$KV.{}.{EXAMPLE_TOKEN}", bucket.example()));
                 examples
             }
-            Self::ObjectRead(store) => stream_read_examples(&format!("OBJ_{}", store.example())),
+            Self::ObjectRead(store) => stream_read_examples(store, "OBJ_"),
         }
     }
 }
@@ -552,6 +663,7 @@ fn literal(allow: String) -> Rule {
     Rule {
         allow,
         deny_candidates: Vec::new(),
+        glob: false,
     }
 }
 
@@ -567,6 +679,7 @@ fn templated(template: &str, token: &str, glob: bool, known: &[&String]) -> Rule
         } else {
             Vec::new()
         },
+        glob,
     }
 }
 
@@ -576,29 +689,66 @@ fn templated(template: &str, token: &str, glob: bool, known: &[&String]) -> Rule
 /// info, flow-control replies). Consumer *deletion* is deliberately absent: async-nats tries
 /// it best-effort when an ordered consumer is recreated, ignores the refusal, and the server
 /// reaps the abandoned ephemeral consumer after its inactivity threshold.
+///
+/// A glob's stream token is `*`, so it reaches every stream nobody declared. It is therefore
+/// narrowed to what the function host does with its own bucket (`get`, `put`, `delete`,
+/// `keys`), as far as NATS subjects allow: no classic `STREAM.MSG.GET` (every KV bucket is
+/// created with `allow_direct`), direct gets only in the by-subject form for subjects of the
+/// store's namespace (`…DIRECT.GET.*.$KV.*.>`), named consumers only with a filter in that
+/// namespace. What stays reachable on an undeclared stream is listed in deploy/access.toml
+/// and pinned by the `[undeclared]` probes.
 fn stream_read_rules(name: &Name, stream_prefix: &str, catalog: &Catalog) -> Vec<Rule> {
     let known: Vec<&String> = catalog.streams.iter().collect();
     let token = name.token(stream_prefix);
     let glob = name.is_glob();
-    [
-        format!("{JS_API}.STREAM.INFO.{{}}"),
-        format!("{JS_API}.STREAM.MSG.GET.{{}}"),
-        format!("{JS_API}.DIRECT.GET.{{}}"),
-        format!("{JS_API}.DIRECT.GET.{{}}.>"),
-        format!("{JS_API}.CONSUMER.CREATE.{{}}"),
-        format!("{JS_API}.CONSUMER.CREATE.{{}}.>"),
-        format!("{JS_API}.CONSUMER.INFO.{{}}.*"),
-        "$JS.FC.{}.>".to_owned(),
-    ]
-    .iter()
-    .map(|template| templated(template, &token, glob, &known))
-    .collect()
+    let templates: Vec<String> = if glob {
+        let namespace = store_namespace(stream_prefix);
+        vec![
+            format!("{JS_API}.STREAM.INFO.{{}}"),
+            format!("{JS_API}.DIRECT.GET.{{}}.{namespace}.*.>"),
+            // `keys()`/`watch()` create their ordered consumer without a name first, and
+            // recreate it with a name and the filter in the subject.
+            format!("{JS_API}.CONSUMER.CREATE.{{}}"),
+            format!("{JS_API}.CONSUMER.CREATE.{{}}.*.{namespace}.*.>"),
+            format!("{JS_API}.CONSUMER.INFO.{{}}.*"),
+            "$JS.FC.{}.>".to_owned(),
+        ]
+    } else {
+        vec![
+            format!("{JS_API}.STREAM.INFO.{{}}"),
+            format!("{JS_API}.STREAM.MSG.GET.{{}}"),
+            format!("{JS_API}.DIRECT.GET.{{}}"),
+            format!("{JS_API}.DIRECT.GET.{{}}.>"),
+            format!("{JS_API}.CONSUMER.CREATE.{{}}"),
+            format!("{JS_API}.CONSUMER.CREATE.{{}}.>"),
+            format!("{JS_API}.CONSUMER.INFO.{{}}.*"),
+            "$JS.FC.{}.>".to_owned(),
+        ]
+    };
+    templates
+        .iter()
+        .map(|template| templated(template, &token, glob, &known))
+        .collect()
 }
 
-fn stream_read_examples(stream: &str) -> Vec<String> {
+/// The subject namespace of a KV bucket (`$KV`) or object store (`$O`) stream.
+fn store_namespace(stream_prefix: &str) -> &'static str {
+    if stream_prefix == "OBJ_" { "$O" } else { "$KV" }
+}
+
+/// Example subjects of reading the store behind `name` (stream `<stream_prefix><name>`).
+fn stream_read_examples(name: &Name, stream_prefix: &str) -> Vec<String> {
+    let example = name.example();
+    let stream = format!("{stream_prefix}{example}");
+    let direct = if name.is_glob() {
+        let namespace = store_namespace(stream_prefix);
+        format!("{JS_API}.DIRECT.GET.{stream}.{namespace}.{example}.{EXAMPLE_TOKEN}")
+    } else {
+        format!("{JS_API}.DIRECT.GET.{stream}")
+    };
     vec![
         format!("{JS_API}.STREAM.INFO.{stream}"),
-        format!("{JS_API}.DIRECT.GET.{stream}"),
+        direct,
         format!("{JS_API}.CONSUMER.INFO.{stream}.{EXAMPLE_TOKEN}"),
     ]
 }
@@ -611,7 +761,18 @@ struct RawPolicy {
     identities: Vec<String>,
     #[serde(default)]
     never: RawNever,
+    #[serde(default)]
+    undeclared: RawUndeclared,
     groups: BTreeMap<String, RawGroup>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUndeclared {
+    #[serde(default)]
+    streams: Vec<String>,
+    #[serde(default)]
+    key_values: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -736,9 +897,17 @@ impl AccessPolicy {
         let mut subscribe_allowed = self.allowed_subscribe_examples(group, identity);
         let mut publish_refused = self.prefixed(&group.examples.refused_publish);
         let mut subscribe_refused = self.prefixed(&group.examples.refused_subscribe);
+        let mut publish_glob_reachable = Vec::new();
         if !group.is_admin() {
             publish_refused.extend(self.prefixed(&self.never_publish));
             subscribe_refused.extend(self.prefixed(&self.never_subscribe));
+            for probe in self.undeclared.probes() {
+                if perms.allows_publish(&probe) {
+                    publish_glob_reachable.push(probe);
+                } else {
+                    publish_refused.push(probe);
+                }
+            }
         }
         for other in &self.identities {
             if other == identity {
@@ -772,7 +941,70 @@ impl AccessPolicy {
             publish_refused: dedup(publish_refused),
             subscribe_allowed: dedup(subscribe_allowed),
             subscribe_refused: dedup(subscribe_refused),
+            publish_glob_reachable: dedup(publish_glob_reachable),
         })
+    }
+
+    /// What the group of identities of `kind` (`runtime`, `gateway`) may do with application
+    /// subjects and consumers, or `None` if no group covers that kind.
+    #[must_use]
+    pub fn host_rules(&self, kind: &str) -> Option<HostRules> {
+        let group = self
+            .groups
+            .iter()
+            .find(|g| {
+                g.members
+                    .iter()
+                    .any(|m| matches!(m, Member::AnyOfKind(k) if k == kind))
+            })
+            .or_else(|| {
+                self.groups.iter().find(|g| {
+                    g.members
+                        .iter()
+                        .any(|m| matches!(m, Member::Exact(id) if id.kind() == kind))
+                })
+            })?;
+        let application = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .filter(|s| !s.starts_with('$'))
+                .cloned()
+                .collect()
+        };
+        let owned = self
+            .groups
+            .iter()
+            .filter(|other| other.name != group.name)
+            .flat_map(|other| {
+                other.owns.iter().map(|subject| OwnedSubject {
+                    group: other.name.clone(),
+                    subject: subject.clone(),
+                })
+            })
+            .collect();
+        let consume = group
+            .grants
+            .iter()
+            .filter_map(|grant| match grant {
+                Grant::Consume { stream, consumer } => Some(match consumer {
+                    Name::Literal(c) => format!("{stream}/{c}"),
+                    Name::Glob(prefix) => format!("{stream}/{prefix}*"),
+                }),
+                _ => None,
+            })
+            .collect();
+        Some(HostRules {
+            group: group.name.clone(),
+            subscribe: application(&group.subscribe),
+            publish: application(&group.publish),
+            owned,
+            consume,
+        })
+    }
+
+    /// The assets of `[undeclared]`, which the deny matrix creates as the admin.
+    #[must_use]
+    pub fn undeclared(&self) -> &Undeclared {
+        &self.undeclared
     }
 
     fn group(&self, identity: &Identity) -> Option<&Group> {
@@ -799,19 +1031,33 @@ impl AccessPolicy {
     }
 
     fn permissions(&self, group: &Group, identity: &Identity) -> Permissions {
+        self.permissions_with(group, identity, true)
+    }
+
+    /// The permissions of `identity`; without `globs`, as if its glob grants were absent
+    /// (what it can reach by name alone).
+    fn permissions_with(&self, group: &Group, identity: &Identity, globs: bool) -> Permissions {
         let mut publish_allow = self.prefixed(&group.publish);
+        let mut by_name = Vec::new();
         let mut candidates = Vec::new();
         for grant in &group.grants {
             for rule in grant.rules(&self.catalog) {
+                if rule.glob && !globs {
+                    continue;
+                }
+                if !rule.glob {
+                    by_name.push(rule.allow.clone());
+                }
                 publish_allow.push(rule.allow);
                 candidates.extend(rule.deny_candidates);
             }
         }
         let publish_allow = dedup(publish_allow);
-        let allowed: BTreeSet<&String> = publish_allow.iter().collect();
+        // A glob's deny of a declared asset gives way to what the group holds by name, and
+        // to an identical allow of another grant (`CC_CALLS/fn-*` names the stream CC_CALLS).
         let mut publish_deny: Vec<String> = candidates
             .into_iter()
-            .filter(|c| !allowed.contains(c))
+            .filter(|c| !by_name.iter().any(|allow| covers(allow, c)) && !publish_allow.contains(c))
             .collect();
         if !group.is_admin() {
             for other in self.groups.iter().filter(|o| o.name != group.name) {
@@ -883,11 +1129,39 @@ impl AccessPolicy {
             check_pattern("never", "subscribe", subject)?;
         }
 
+        for (list, stream_prefix) in [
+            (&raw.undeclared.streams, ""),
+            (&raw.undeclared.key_values, "KV_"),
+        ] {
+            for name in list {
+                if !matches!(
+                    Name::parse("undeclared", "undeclared", name)?,
+                    Name::Literal(_)
+                ) {
+                    return Err(AccessError::BadAssetName {
+                        group: "undeclared".to_owned(),
+                        field: "undeclared",
+                        name: name.clone(),
+                        expected: "a literal name [A-Za-z0-9_-]+",
+                    });
+                }
+                if catalog.streams.contains(&format!("{stream_prefix}{name}"))
+                    || (stream_prefix == "KV_" && catalog.buckets.contains(name))
+                {
+                    return Err(AccessError::ProbeDeclared { name: name.clone() });
+                }
+            }
+        }
+
         let policy = Self {
             identities,
             groups,
             never_publish: raw.never.publish,
             never_subscribe: raw.never.subscribe,
+            undeclared: Undeclared {
+                streams: raw.undeclared.streams,
+                key_values: raw.undeclared.key_values,
+            },
             catalog,
             prefix: String::new(),
         };
@@ -904,6 +1178,16 @@ impl AccessPolicy {
             };
             let perms = self.permissions(group, identity);
             if !group.is_admin() {
+                let by_name = self.permissions_with(group, identity, false);
+                for subject in self.undeclared.probes() {
+                    if by_name.allows_publish(&subject) {
+                        return Err(AccessError::UndeclaredReachable {
+                            identity: identity.to_string(),
+                            group: group.name.clone(),
+                            subject,
+                        });
+                    }
+                }
                 for subject in &self.never_publish {
                     if perms.allows_publish(subject) {
                         return Err(never_granted(identity, group, subject));
@@ -1519,6 +1803,117 @@ kv_write = ["patchbay-fn-*"]
         ));
         assert!(perms.allows_publish("$JS.API.CONSUMER.CREATE.OBJ_patchbay-artifacts"));
         assert!(!perms.allows_publish("$KV.patchbay-functions.hello"));
+    }
+
+    #[test]
+    fn undeclared_assets_are_refused_except_what_the_function_state_glob_reaches() {
+        let policy = policy();
+        let probes = policy.undeclared().probes();
+        assert!(probes.contains(&"$JS.API.STREAM.MSG.GET.UNDECLARED".to_owned()));
+        assert!(probes.contains(&"$JS.API.DIRECT.GET.KV_undeclared".to_owned()));
+        // Groups without globs on buckets: every probe refused.
+        for who in ["service/routing", "service/agents"] {
+            let e = policy.expectations(&id(who)).unwrap();
+            assert!(e.publish_glob_reachable.is_empty(), "{who}: {e:?}");
+            for probe in &probes {
+                assert!(e.publish_refused.contains(probe), "{who}: {probe}");
+            }
+        }
+        // The function hosts: exactly what deploy/access.toml's header lists.
+        let reachable = |stream: &str, stored: &str| {
+            vec![
+                format!("$JS.API.STREAM.INFO.{stream}"),
+                format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                format!("$JS.API.CONSUMER.INFO.{stream}.deny-matrix"),
+            ]
+            .into_iter()
+            .chain(
+                stored
+                    .starts_with("$KV.")
+                    .then(|| {
+                        [
+                            format!("$JS.API.DIRECT.GET.{stream}.{stored}"),
+                            format!("$JS.API.CONSUMER.CREATE.{stream}.deny-matrix.{stored}"),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect::<Vec<_>>()
+        };
+        let mut expected = reachable("UNDECLARED", "undeclared.UNDECLARED.deny-matrix");
+        expected.extend(reachable("KV_undeclared", "$KV.undeclared.deny-matrix"));
+        expected.push("$KV.undeclared.deny-matrix".to_owned());
+        expected.sort();
+        for who in ["runtime/node-1", "gateway/gateway"] {
+            let e = policy.expectations(&id(who)).unwrap();
+            let mut got = e.publish_glob_reachable.clone();
+            got.sort();
+            assert_eq!(got, expected, "{who}");
+            for probe in probes.iter().filter(|p| !expected.contains(p)) {
+                assert!(e.publish_refused.contains(probe), "{who}: {probe}");
+            }
+        }
+        // Never classic or body-form gets, durable consumers, pulls or acks.
+        let perms = policy.permissions_for(&id("runtime/node-1")).unwrap();
+        for refused in [
+            "$JS.API.STREAM.MSG.GET.UNDECLARED",
+            "$JS.API.DIRECT.GET.UNDECLARED",
+            "$JS.API.DIRECT.GET.UNDECLARED.undeclared.UNDECLARED.x",
+            "$JS.API.CONSUMER.DURABLE.CREATE.UNDECLARED.x",
+            "$JS.API.CONSUMER.MSG.NEXT.UNDECLARED.x",
+            "$JS.ACK.UNDECLARED.x.1.1.1.1.0",
+        ] {
+            assert!(!perms.allows_publish(refused), "{refused}");
+        }
+        // The host's own bucket still works the way async-nats uses it.
+        for allowed in [
+            "$JS.API.STREAM.INFO.KV_patchbay-fn-hello",
+            "$JS.API.DIRECT.GET.KV_patchbay-fn-hello.$KV.patchbay-fn-hello.k",
+            "$JS.API.CONSUMER.CREATE.KV_patchbay-fn-hello",
+            "$JS.API.CONSUMER.CREATE.KV_patchbay-fn-hello.c_1.$KV.patchbay-fn-hello.>",
+            "$JS.API.CONSUMER.INFO.KV_patchbay-fn-hello.c",
+            "$KV.patchbay-fn-hello.k",
+        ] {
+            assert!(perms.allows_publish(allowed), "{allowed}");
+        }
+    }
+
+    #[test]
+    fn refuses_an_undeclared_probe_that_is_declared() {
+        let with = |section: &str| {
+            AccessPolicy::from_toml_str(
+                &MINI.replacen("[never]", &format!("{section}\n[never]"), 1),
+                &decl(),
+            )
+        };
+        let err = with("[undeclared]\nstreams = [\"CC_CALLS\"]").unwrap_err();
+        assert!(matches!(err, AccessError::ProbeDeclared { .. }), "{err}");
+        let err = with("[undeclared]\nkey_values = [\"patchbay-tokens\"]").unwrap_err();
+        assert!(matches!(err, AccessError::ProbeDeclared { .. }), "{err}");
+        let err = with("[undeclared]\nstreams = [\"X*\"]").unwrap_err();
+        assert!(matches!(err, AccessError::BadAssetName { .. }), "{err}");
+        assert!(with("[undeclared]\nstreams = [\"ELSEWHERE\"]").is_ok());
+    }
+
+    #[test]
+    fn host_rules_hold_application_subjects_and_other_groups_owned_ones() {
+        let policy = policy();
+        let runtime = policy.host_rules("runtime").unwrap();
+        assert_eq!(runtime.group, "runtime");
+        assert!(runtime.subscribe.contains(&"cc.v1.>".to_owned()));
+        assert!(runtime.subscribe.iter().all(|s| !s.starts_with('$')));
+        assert!(runtime.publish.iter().all(|s| !s.starts_with('$')));
+        assert!(runtime.consume.contains(&"CC_CALLS/fn-*".to_owned()));
+        assert!(
+            runtime
+                .owned
+                .iter()
+                .any(|o| o.group == "routing" && o.subject == "cc.v1.calls.*.routed")
+        );
+        let gateway = policy.host_rules("gateway").unwrap();
+        assert!(gateway.owned.iter().all(|o| o.group != "gateway"));
+        assert!(policy.host_rules("nobody").is_none());
     }
 
     #[test]

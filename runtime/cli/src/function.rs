@@ -139,10 +139,12 @@ pub struct DeployArgs {
     /// Time limit per invocation, e.g. `1s`, `250ms`.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Memory cap per instance in MiB.
+    /// Memory cap per instance in MiB, 1 to 512. Each invocation reserves all of it from
+    /// the runtime node's memory budget; a node runs at most budget / memory at once.
     #[arg(long = "memory", default_value_t = 64)]
     pub memory_mib: u64,
-    /// Concurrent invocations per node.
+    /// Concurrent invocations per node (at least 1; a node with too small a memory budget
+    /// for all of them runs fewer).
     #[arg(long, default_value_t = Limits::default().max_concurrency)]
     pub concurrency: u32,
     /// With a `stream` trigger: handle the events of each key (the first `*` token of the
@@ -333,6 +335,22 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         patchbay_bus::resilience::TargetPolicy::from_inline(&target, fields)
             .with_context(|| format!("--resilience for {target}"))?;
     }
+    // Would the hosts be allowed to do what this deploy asks? Checked against the policy
+    // the bootstrap stored, before anything is uploaded or created.
+    let js = bus.jetstream();
+    let notes = crate::admission::load(&js)
+        .await?
+        .check(&name, &trigger, &args.publish)
+        .with_context(|| format!("refusing to deploy {name}"))?;
+    check_streams_exist(&js, &trigger)
+        .await
+        .with_context(|| format!("refusing to deploy {name}"))?;
+    // Checked, so that no --memory wraps around to a 0-byte limit.
+    let memory_bytes = patchbay_host::limits::instance_memory_bytes(args.memory_mib)
+        .context("invalid --memory")?;
+    if args.concurrency == 0 {
+        bail!("invalid --concurrency: at least 1 invocation per node");
+    }
     let size = std::fs::metadata(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?
         .len();
@@ -376,19 +394,12 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         );
     }
 
-    let js = bus.jetstream();
-    let started = Instant::now();
-    let digest = registry.put_artifact(&bytes).await?;
-    if !args.json {
-        eprintln!("uploaded sha256:{digest} in {:?}", started.elapsed());
-    }
-    ensure_bucket(&js, &name).await?;
     let limits = Limits {
         timeout_ms: u64::try_from(args.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1),
-        memory_bytes: args.memory_mib.max(1) << 20,
-        max_concurrency: args.concurrency.max(1),
+        memory_bytes,
+        max_concurrency: args.concurrency,
         max_deliver: args.max_deliver.max(1),
     };
     let canary = args
@@ -406,11 +417,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         })
         .map(|c| c.validate().map(|()| c))
         .transpose()?;
-    // A canary shares the active version's trigger, hence its consumer: that keeps the
-    // stable version's settings until `fn promote`.
-    if canary.is_none() {
-        ensure_consumer(bus, &name, &trigger, &limits).await?;
-    }
+    let digest = registry::digest(&bytes);
     let version = VersionSpec {
         version: 0,
         digest: digest.clone(),
@@ -424,54 +431,76 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
     };
     let mut unchanged = false;
     let mut ended_canary = None;
-    let spec = registry
-        .update(name.as_str(), |current| {
-            let mut spec = current.unwrap_or_else(|| FunctionSpec {
-                name: name.to_string(),
-                active: 0,
-                versions: vec![],
-                canary: None,
-            });
-            // Deploying exactly what already serves (same component, trigger, allow-list,
-            // config and limits — and canary share) is a no-op, so scripts can re-run.
-            let same = |deployed: &VersionSpec| {
-                VersionSpec {
-                    version: deployed.version,
-                    deployed_at: deployed.deployed_at.clone(),
-                    ..version.clone()
-                } == *deployed
-            };
-            ended_canary = None;
-            match &canary {
-                None => {
-                    unchanged = spec.canary.is_none() && spec.active_version().is_ok_and(same);
-                    if !unchanged {
-                        ended_canary = spec.canary.as_ref().map(|c| c.version);
-                        spec.push(version.clone());
-                    }
-                }
-                Some(new) => {
-                    if spec.active_version().is_ok_and(same) {
-                        return Err(registry::RegistryError::Invalid(format!(
-                            "{name} v{} is already this component with these settings; \
-                             nothing to canary",
-                            spec.active
-                        )));
-                    }
-                    unchanged = spec.canary.as_ref().is_some_and(|c| {
-                        c.percent.to_bits() == new.percent.to_bits()
-                            && c.auto_rollback == new.auto_rollback
-                            && spec.version(c.version).is_ok_and(same)
-                    });
-                    if !unchanged {
-                        ended_canary = spec.canary.as_ref().map(|c| c.version);
-                        spec.start_canary(version.clone(), new.clone())?;
-                    }
+    let mut change = |current: Option<FunctionSpec>| {
+        let mut spec = current.unwrap_or_else(|| FunctionSpec {
+            name: name.to_string(),
+            active: 0,
+            versions: vec![],
+            canary: None,
+        });
+        // Deploying exactly what already serves (same component, trigger, allow-list,
+        // config and limits — and canary share) is a no-op, so scripts can re-run.
+        let same = |deployed: &VersionSpec| {
+            VersionSpec {
+                version: deployed.version,
+                deployed_at: deployed.deployed_at.clone(),
+                ..version.clone()
+            } == *deployed
+        };
+        ended_canary = None;
+        match &canary {
+            None => {
+                unchanged = spec.canary.is_none() && spec.active_version().is_ok_and(same);
+                if !unchanged {
+                    ended_canary = spec.canary.as_ref().map(|c| c.version);
+                    spec.push(version.clone());
                 }
             }
-            Ok(spec)
-        })
-        .await?;
+            Some(new) => {
+                if spec.active_version().is_ok_and(same) {
+                    return Err(registry::RegistryError::Invalid(format!(
+                        "{name} v{} is already this component with these settings; \
+                         nothing to canary",
+                        spec.active
+                    )));
+                }
+                unchanged = spec.canary.as_ref().is_some_and(|c| {
+                    c.percent.to_bits() == new.percent.to_bits()
+                        && c.auto_rollback == new.auto_rollback
+                        && spec.version(c.version).is_ok_and(same)
+                });
+                if !unchanged {
+                    ended_canary = spec.canary.as_ref().map(|c| c.version);
+                    spec.start_canary(version.clone(), new.clone())?;
+                }
+            }
+        }
+        Ok(spec)
+    };
+    // The registry's own checks (a canary's trigger, nothing to canary, ...) on what is
+    // stored now, before the upload; the update below runs them again under CAS.
+    let current = registry.get(name.as_str()).await?.map(|(spec, _)| spec);
+    change(current).with_context(|| format!("refusing to deploy {name}"))?;
+
+    // Everything is validated: store.
+    let started = Instant::now();
+    let uploaded = registry.put_artifact(&bytes).await?;
+    debug_assert_eq!(uploaded, digest);
+    if !args.json {
+        eprintln!("uploaded sha256:{digest} in {:?}", started.elapsed());
+    }
+    ensure_bucket(&js, &name).await?;
+    // A canary shares the active version's trigger, hence its consumer: that keeps the
+    // stable version's settings until `fn promote`.
+    if canary.is_none() {
+        ensure_consumer(bus, &name, &trigger, &limits).await?;
+    }
+    let spec = registry.update(name.as_str(), &mut change).await?;
+    if !args.json {
+        for note in &notes {
+            eprintln!("note: {note}");
+        }
+    }
     if let Some(fields) = &args.resilience {
         let change = crate::resilience::put_deployed(bus, name.as_str(), fields).await?;
         if !args.json {
@@ -485,7 +514,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
     } else if spec.canary.is_some() {
         wait_for_canary(bus, name.as_str(), deployed, args.wait).await
     } else {
-        wait_for_version(bus, name.as_str(), spec.active, args.wait).await
+        wait_for_version(bus, name.as_str(), spec.active, args.wait).await?
     };
     if args.json {
         println!(
@@ -537,6 +566,33 @@ async fn stream_subjects(js: &jetstream::Context) -> anyhow::Result<Vec<String>>
     subjects.sort();
     subjects.dedup();
     Ok(subjects)
+}
+
+/// The streams a `stream` or `schedule` trigger reads must exist (refused before anything
+/// is stored; `ensure_consumer` creates the consumers afterwards).
+async fn check_streams_exist(js: &jetstream::Context, trigger: &Trigger) -> anyhow::Result<()> {
+    let mut needed: Vec<&str> = Vec::new();
+    match trigger {
+        Trigger::Stream {
+            stream, ordered, ..
+        } => {
+            needed.push(stream);
+            if ordered.is_some() {
+                needed.push(patchbay_host::ordering::ORDERED_STREAM);
+            }
+        }
+        Trigger::Schedule { .. } => needed.push(TICKS_STREAM),
+        Trigger::Subject { .. } | Trigger::Invoke | Trigger::Http { .. } => {}
+    }
+    for stream in needed {
+        if js.get_stream(stream).await.is_err() {
+            bail!(
+                "stream {stream} does not exist (declare it in deploy/streams.toml and run \
+                 `patchbay bootstrap`)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Create the function's own KV bucket if it does not exist (admin only).
@@ -624,27 +680,56 @@ async fn ensure_consumer(
     Ok(())
 }
 
-/// The nodes that serve `version` of `name` now (each node answers within `window`).
+/// The nodes that serve `version` of `name` now (each node answers within `window`); a
+/// node whose trigger for it failed does not count.
 pub async fn serving_nodes(bus: &Bus, name: &str, version: u32, window: Duration) -> Vec<String> {
-    node_statuses(bus, window)
-        .await
-        .into_iter()
-        .filter(|s| {
-            s.functions
-                .iter()
-                .any(|f| f.name == name && f.version == version)
-        })
-        .map(|s| s.node)
-        .collect()
+    let (serving, _) = version_on_nodes(&node_statuses(bus, window).await, name, version);
+    serving
+}
+
+/// Of `statuses`: the nodes serving `version` of `name`, and `node: why` for each node
+/// where its trigger failed.
+fn version_on_nodes(
+    statuses: &[NodeStatus],
+    name: &str,
+    version: u32,
+) -> (Vec<String>, Vec<String>) {
+    let mut serving = Vec::new();
+    let mut failed = Vec::new();
+    for status in statuses {
+        for f in &status.functions {
+            if f.name != name || f.version != version {
+                continue;
+            }
+            match &f.failed {
+                Some(why) => failed.push(format!("{}: {why}", status.node)),
+                None => serving.push(status.node.clone()),
+            }
+        }
+    }
+    (serving, failed)
 }
 
 /// Ask every node what it serves until one serves `version` of `name`; the nodes that do.
-async fn wait_for_version(bus: &Bus, name: &str, version: u32, wait: Duration) -> Vec<String> {
+/// Fails as soon as a node reports the version's trigger failed (the server refused it).
+async fn wait_for_version(
+    bus: &Bus,
+    name: &str,
+    version: u32,
+    wait: Duration,
+) -> anyhow::Result<Vec<String>> {
     let deadline = Instant::now() + wait;
     loop {
-        let serving = serving_nodes(bus, name, version, Duration::from_millis(300)).await;
+        let statuses = node_statuses(bus, Duration::from_millis(300)).await;
+        let (serving, failed) = version_on_nodes(&statuses, name, version);
+        if !failed.is_empty() {
+            bail!(
+                "{name} v{version} is stored but its trigger failed on {}",
+                failed.join("; ")
+            );
+        }
         if !serving.is_empty() || Instant::now() >= deadline {
-            return serving;
+            return Ok(serving);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -916,6 +1001,7 @@ async fn rollback(
         clear_verdict(bus, name, canary).await;
         wait_until_no_canary(bus, name, canary, Duration::from_secs(10)).await;
     }
+    let serving = serving?;
     if json {
         println!(
             "{}",
@@ -949,7 +1035,7 @@ async fn promote(bus: &Bus, registry: &Registry, name: &str, json: bool) -> anyh
     // The consumer now follows the promoted version's limits.
     ensure_consumer(bus, &token(name)?, &version.trigger, &version.limits).await?;
     clear_verdict(bus, name, spec.active).await;
-    let serving = wait_for_version(bus, name, spec.active, Duration::from_secs(10)).await;
+    let serving = wait_for_version(bus, name, spec.active, Duration::from_secs(10)).await?;
     if json {
         println!(
             "{}",

@@ -5,6 +5,8 @@
 //!   per-workload certificates with SPIFFE URI SANs;
 //! * [`access`] — `deploy/access.toml`, the deny-by-default subject permissions per identity,
 //!   plus the expectations a deny-matrix test checks against a live server;
+//! * [`admission`] — what `patchbay fn deploy` checks a deploy against: the hosting group's
+//!   subjects and consumers from the policy the bootstrap stored;
 //! * [`natsconf`] — the nats-server configuration (mTLS with `verify_and_map`, JetStream
 //!   with `sync_interval: always`, one user per identity);
 //! * [`streams`] — `deploy/streams.toml` and the idempotent admin bootstrap of the JetStream
@@ -22,6 +24,7 @@
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
 
 pub mod access;
+pub mod admission;
 pub mod bench;
 pub mod bench_breaker;
 pub mod bench_gateway;

@@ -274,11 +274,20 @@ pub async fn start_nats(binary: &Path, prepared: &PreparedNats) -> anyhow::Resul
     }
 }
 
-/// Create or update the JetStream assets of `deploy_dir/streams.toml` (admin only).
+/// Create or update the JetStream assets of `deploy_dir/streams.toml` and store the host
+/// rules of `deploy_dir/access.toml` that `fn deploy` checks against (admin only).
 pub async fn bootstrap(bus: &Bus, deploy_dir: &Path) -> anyhow::Result<BootstrapReport> {
     let decl = Declaration::load(&deploy_dir.join("streams.toml"))
         .context("invalid deploy/streams.toml")?;
-    streams::bootstrap(&bus.jetstream(), &decl, bus.subjects().prefix())
+    // Loaded first: an invalid policy changes nothing.
+    let policy = AccessPolicy::load(&deploy_dir.join("access.toml"))
+        .context("invalid deploy/access.toml")?;
+    let report = streams::bootstrap(&bus.jetstream(), &decl, bus.subjects().prefix())
         .await
-        .context("bootstrap of JetStream assets failed")
+        .context("bootstrap of JetStream assets failed")?;
+    // What `fn deploy` checks triggers and allow-lists against.
+    crate::admission::store(&bus.jetstream(), &policy)
+        .await
+        .context("failed to store the access policy's host rules")?;
+    Ok(report)
 }

@@ -1139,7 +1139,8 @@ max_deliver = 5
                 "patchbay-tokens",
                 "patchbay-resilience",
                 "cc-agents",
-                "patchbay-canary-verdicts"
+                "patchbay-canary-verdicts",
+                "patchbay-access"
             ]
         );
         let functions = &decl.key_values[0];

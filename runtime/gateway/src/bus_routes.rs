@@ -65,18 +65,34 @@ pub struct StructuredCloudEvent {
     #[schema(pattern = r"^1\.0$")]
     pub specversion: String,
     /// Unique within `source`; a retried event keeps its id (streams de-duplicate by it).
-    #[schema(min_length = 1, max_length = 256, pattern = r"^[!-~]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     pub id: String,
     /// Who produced the event (a URI reference such as `/pbx/eu-1`).
-    #[schema(min_length = 1, max_length = 256, pattern = r"^[!-~]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     pub source: String,
     /// The event type, such as `cc.call.incoming.v1`.
     #[serde(rename = "type")]
-    #[schema(min_length = 1, max_length = 256, pattern = r"^[!-~]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     pub ty: String,
     /// The media type of `data` (JSON when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = r"^[a-z]+/[a-z0-9.+-]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     pub datacontenttype: Option<String>,
     /// The payload.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,8 +110,8 @@ pub struct StructuredCloudEvent {
     path = "/v1/events/{subject}",
     tag = "bus",
     params(
-        ("subject" = String, Path, description = "NATS subject: dot-separated tokens, no white space, control characters or wildcards, not in the `$` or `_INBOX` namespaces (e.g. cc.v1.calls.c-1.incoming)", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 512),
-        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1),
+        ("subject" = String, Path, description = "NATS subject: dot-separated tokens of ASCII letters, digits, `-` and `_`, not in the `$` or `_INBOX` namespaces (e.g. cc.v1.calls.c-1.incoming)", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 512),
+        ("Request-Timeout" = Option<u64>, Header, nullable = false, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1, maximum = 9_223_372_036_854_775_807_u64),
     ),
     request_body(description = "The whole event in structured mode. Binary mode (the CloudEvents HTTP binding's other mode) is accepted as well and is what most producers send: `ce-specversion`, `ce-id`, `ce-source` and `ce-type` headers (plus optional `ce-*` attributes and extensions) with the data as the body in any media type; it is not part of this machine-readable description because OpenAPI cannot say that those four headers are required exactly when the body is not `application/cloudevents+json`.",
         content(
@@ -179,8 +195,8 @@ pub async fn publish_event(
     path = "/v1/request/{subject}",
     tag = "bus",
     params(
-        ("subject" = String, Path, description = "NATS subject: dot-separated tokens, no white space, control characters or wildcards, not in the `$` or `_INBOX` namespaces (e.g. cc.v1.calls.c-1.incoming)", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 512),
-        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1),
+        ("subject" = String, Path, description = "NATS subject: dot-separated tokens of ASCII letters, digits, `-` and `_`, not in the `$` or `_INBOX` namespaces (e.g. cc.v1.calls.c-1.incoming)", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 512),
+        ("Request-Timeout" = Option<u64>, Header, nullable = false, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1, maximum = 9_223_372_036_854_775_807_u64),
     ),
     request_body(description = "Request data (it becomes the data of a new event of type `patchbay.http.request.v1`), or a CloudEvent: structured mode, or binary mode with `ce-*` headers",
         content(
@@ -226,7 +242,7 @@ pub async fn request(
     tag = "functions",
     params(
         ("name" = String, Path, description = "Function name", pattern = r"^[A-Za-z0-9_-]+$", max_length = 128),
-        ("Request-Timeout" = Option<u64>, Header, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1),
+        ("Request-Timeout" = Option<u64>, Header, nullable = false, description = "Deadline in milliseconds (at least 1; longer than the gateway's maximum is cut to it)", minimum = 1, maximum = 9_223_372_036_854_775_807_u64),
     ),
     request_body(description = "Event data (it becomes the data of a new event of type `patchbay.http.request.v1`), or a CloudEvent: structured mode, or binary mode with `ce-*` headers",
         content(
@@ -578,7 +594,8 @@ pub(crate) fn timeout(state: &Shared, headers: &HeaderMap) -> Result<Duration, P
         .to_str()
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
+        // Within OpenAPI's int64, as the document says; the maximum cuts it anyway.
+        .filter(|ms| (1..=i64::MAX.unsigned_abs()).contains(ms))
         .ok_or_else(|| {
             Problem::bad_request("Request-Timeout must be a positive number of milliseconds")
         })?;

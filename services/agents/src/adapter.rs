@@ -12,48 +12,81 @@
 //! the injected clock's `now`. A timer wakes the task at [`Engine::next_due`] to
 //! [`Engine::tick`] (offer timeouts, wrap-up ends, overflow, relaxation).
 //!
-//! # Persistence: snapshot after batch
+//! # Persistence: snapshot, then publish
 //!
-//! For each batch, in this order:
+//! For each batch (and each timer tick), in this order:
 //!
 //! 1. **apply** every input, collecting the outputs;
-//! 2. **publish** every output to its stream (`CC_CALLS` / `CC_AGENTS`) and wait for the
+//! 2. **snapshot**: write the whole engine ([`crate::store::Stored`]: engine state, the
+//!    stream sequences applied per consumer, and the batch's outputs as its **outbox**),
+//!    zlib-compressed, to KV `cc-agents` key `engine`, as an update *at the revision this
+//!    instance last wrote*;
+//! 3. **publish** every output to its stream (`CC_CALLS` / `CC_AGENTS`) and wait for the
 //!    stream's acks; `Nats-Msg-Id` = [`crate::engine::Output::id`], deterministic
 //!    (`call-<call>-<seq>`), so a re-publish is stored once;
-//! 3. **snapshot**: write the whole engine ([`crate::store::Stored`]: engine state + the
-//!    stream sequences applied per consumer), zlib-compressed, to KV `cc-agents` key
-//!    `engine`, as an update *at the revision this instance last wrote*;
 //! 4. **ack** the batch's inputs (and terminate its bad ones).
 //!
 //! Why a whole snapshot rather than a log of changes: the engine's state is small (a few
 //! hundred KiB compressed for 5,000 agents), a snapshot is one atomic KV write, and restore
 //! is [`Engine::restore`] — offers with their deadlines, wrap-up deadlines, queue order and
-//! counters, all in one value, with no replay logic to get wrong. Batching amortises it:
-//! under load one snapshot covers up to `max_batch` inputs.
+//! counters, all in one value. Batching amortises it: under load one snapshot covers up to
+//! `max_batch` inputs.
+//!
+//! ## Why the snapshot comes before the publish
+//!
+//! The engine is deterministic, but what it decides depends on the *order* of its inputs,
+//! and that order cannot be reproduced after a crash: two consumers are merged, and the
+//! inputs a dead process held come back only after the consumer's `ack_wait`, behind newer
+//! ones. With the opposite order (publish, then snapshot) a restarted engine re-decided a
+//! batch that was already in the stream, from the snapshot before it, in another order.
+//! Issue 12 caught it: an accept and a hangup, the hangup redelivered first; the new engine
+//! decided "abandoned" where the stream said "assigned"; its events reused the stored ids,
+//! so the stream kept "assigned" and never got "ended", and the agent was then offered a new
+//! call while the stream showed it still holding the old one.
+//!
+//! So a decision is persisted before anyone can see it: every published event was decided
+//! by a state already in the bucket, and a restarted engine starts from a state that
+//! contains everything the stream shows. It cannot contradict the stream, and its own
+//! events continue each call's and agent's sequence past the stored ones, so their ids are
+//! new. The alternatives were worse here: rebuilding the original input order from the
+//! published outputs needs the service to read its output streams (it may not — see
+//! `deploy/access.toml`), and a journal of the input order costs a second write per batch
+//! and replay logic, where this only reorders the two writes.
 //!
 //! What a crash (kill -9) at each point does:
 //!
-//! * before 2 finishes: nothing was acked; the inputs are redelivered (after the consumer's
-//!   `ack_wait`) and applied again to the last snapshot. Outputs that had been stored are
-//!   de-duplicated by id. Caveat: a replay can decide differently (another agent became
-//!   free meanwhile); the stream keeps the *first* event under an id, so the stream may then
-//!   show a decision the engine no longer holds. Replays are counted
-//!   (`patchbay_agents_replayed_outputs_total`) and logged; an offer that only the engine
-//!   knows times out (missed) and is re-offered, so no call is stuck.
-//! * between 2 and 3: as above; every output is de-duplicated.
-//! * between 3 and 4: the snapshot holds the batch but the inputs are redelivered; their
-//!   stream sequences are in the snapshot, so they are acked without being applied.
+//! * before 2 finishes: nothing of the batch was published or acked; the inputs are
+//!   redelivered (after `ack_wait`) and applied to the last snapshot, maybe in another
+//!   order and with other results — which contradicts nothing, since nobody saw the first.
+//! * during 3: the snapshot holds the batch's state and outbox. The restarted engine first
+//!   publishes the outbox again, before taking any input; what had landed is de-duplicated
+//!   by id (`patchbay_agents_replayed_outputs_total`). The redelivered inputs' stream
+//!   sequences are in the snapshot, so they are acked without being applied.
+//! * between 3 and 4: as above; the whole outbox is de-duplicated.
 //! * after 4: nothing to redo.
 //!
-//! So no queued call, reservation deadline or wrap-up deadline is lost, and a call is never
-//! offered to two agents: only the engine makes offers, and the engine that restarts is the
-//! one that was persisted. Inputs redelivered after a crash can arrive *after* newer
-//! ones; the applied sequences are therefore a set above the consumer's ack floor, not a
-//! single high-water mark (see [`crate::store::AppliedSeqs`]).
+//! An outbox published long ago must not be published again past the streams'
+//! `duplicate_window` (2 minutes; it would then be stored twice): the next snapshot clears
+//! it, and when no batch comes within [`AgentsConfig::stats_interval`] a snapshot of its
+//! own does (so does shutdown).
+//!
+//! **Divergence**: a freshly decided output whose first publish the stream reports as a
+//! duplicate means the stream held *another* decision under its id — the engine went back
+//! behind what it had published (a snapshot written by a build that published first, a
+//! bucket restored from a backup). It is logged as an error and counted in
+//! `patchbay_agents_replay_divergence_total`, which therefore stays 0, crashes included.
+//!
+//! So no queued call, reservation deadline or wrap-up deadline is lost, no published
+//! decision is contradicted, and a call is never offered to two agents: only the engine
+//! makes offers, and the engine that restarts is the one that was persisted. Inputs
+//! redelivered after a crash can arrive *after* newer ones; the applied sequences are
+//! therefore a set above the consumer's ack floor, not a single high-water mark (see
+//! [`crate::store::AppliedSeqs`]).
 //!
 //! **Fencing**: every snapshot write is a compare-and-set on the KV revision. If it fails,
 //! another instance wrote since — two engines are running. This one logs loudly and stops
-//! (its unacked batch is redelivered to the other); it never overwrites.
+//! before publishing anything of the batch (its unacked inputs are redelivered to the
+//! other); it never overwrites. Only the writer of the latest revision publishes.
 //!
 //! # Bad input and redeliveries
 //!
@@ -73,7 +106,7 @@
 //! gauges every [`AgentsConfig::stats_interval`] and after each batch, and answered on
 //! `cc.v1.queues.stats` (request-reply, a CloudEvent whose data is the JSON array). On
 //! shutdown the task stops pulling, finishes the batch in hand — plus whatever was already
-//! delivered — (publish, snapshot, ack) and returns, all within
+//! delivered — (snapshot, publish, ack), clears the outbox and returns, all within
 //! [`AgentsConfig::drain_timeout`]; past it the rest stays unacked and is redelivered, as
 //! after a crash. Delivered inputs are applied rather than nak'ed: a redelivery would come
 //! after newer inputs.
@@ -211,22 +244,29 @@ pub async fn run(
     let mut store = SnapshotStore::open(&js, &config.bucket, SNAPSHOT_KEY, bus.max_payload())
         .await
         .context("cannot open the snapshot bucket")?;
-    let (engine, applied) = match store.load().await.context("cannot load the snapshot")? {
+    let (engine, applied, outbox) = match store.load().await.context("cannot load the snapshot")? {
         Some(stored) => {
             tracing::info!(
                 revision = store.revision(),
+                format = stored.format,
                 saved_at_ms = stored.saved_at_ms,
                 calls = stored.engine.active_calls(),
+                outbox = stored.outbox.len(),
                 "engine restored from the snapshot"
             );
             (
                 Engine::restore(config.engine.clone(), stored.engine),
                 stored.applied,
+                stored.outbox,
             )
         }
         None => {
             tracing::info!("no snapshot yet: starting with an empty engine");
-            (Engine::new(config.engine.clone()), BTreeMap::new())
+            (
+                Engine::new(config.engine.clone()),
+                BTreeMap::new(),
+                Vec::new(),
+            )
         }
     };
 
@@ -293,14 +333,9 @@ pub async fn run(
         stop: stop.clone(),
         dlq_owner: Token::new(SERVICE_NAME).context("service name")?,
         instance: bus.source().to_owned(),
+        stale_outbox: false,
     };
     worker.refresh_gauges();
-    ready.set_ready(true);
-    tracing::info!(
-        calls = %worker.sources[0].key,
-        commands = %worker.sources[1].key,
-        "bound to the consumers; assigning calls"
-    );
 
     let max_batch = config.max_batch.max(1);
     let drain_timeout = config.drain_timeout;
@@ -308,6 +343,22 @@ pub async fn run(
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let result: anyhow::Result<()> = async {
+        // The restored state's decisions reach their streams before any new one (a
+        // shutdown meanwhile leaves them in the snapshot for the next start).
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                tracing::info!("shutting down before the restored outbox was published");
+                return Ok(());
+            }
+            done = worker.recover(outbox) => done?,
+        }
+        ready.set_ready(true);
+        tracing::info!(
+            calls = %worker.sources[0].key,
+            commands = %worker.sources[1].key,
+            "bound to the consumers; assigning calls"
+        );
         // `stop` is cancelled only when the drain ends, so a batch retrying its publish or
         // snapshot keeps trying until then.
         let drain_until = loop {
@@ -340,6 +391,7 @@ pub async fn run(
                 _ = refresh.tick() => {
                     worker.refresh_gauges();
                     worker.refresh_floors().await;
+                    worker.clear_outbox().await?;
                 }
             }
         };
@@ -354,7 +406,7 @@ pub async fn run(
                 let chunk: Vec<_> = rest.drain(..rest.len().min(max_batch)).collect();
                 worker.process(chunk).await?;
             }
-            Ok(())
+            worker.clear_outbox().await
         })
         .await?;
         Ok(())
@@ -387,7 +439,8 @@ fn draining(timeout: Duration) -> tokio::time::Instant {
 
 /// Run `work` until `until`: whether it finished (or its error). Past `until` it is
 /// dropped mid-way, which is what a crash at that point would do: its inputs stay
-/// unacked and are redelivered, the outputs it stored are de-duplicated by id.
+/// unacked and are redelivered; its outputs were either not published yet or are in the
+/// snapshot's outbox, published again (de-duplicated by id) on the next start.
 async fn within(
     until: tokio::time::Instant,
     work: impl Future<Output = anyhow::Result<()>>,
@@ -396,7 +449,7 @@ async fn within(
         Ok(done) => done.map(|()| true),
         Err(_) => {
             tracing::warn!(
-                "drain timeout: abandoning the inputs in hand unacked; they will be redelivered (outputs already stored are de-duplicated by id)"
+                "drain timeout: abandoning the inputs in hand unacked; they will be redelivered (outputs already decided are in the snapshot's outbox)"
             );
             Ok(false)
         }
@@ -480,6 +533,19 @@ struct Worker {
     dlq_owner: Token,
     /// This process, as recorded on its dead letters.
     instance: String,
+    /// The stored snapshot's outbox is published: write it empty before a restart could
+    /// publish it again past the streams' duplicate window.
+    stale_outbox: bool,
+}
+
+/// Where the outputs being published come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Just decided: no earlier process can have published them, so a duplicate on the
+    /// first attempt is a divergence.
+    Decided,
+    /// The restored snapshot's outbox: some may be stored already (harmless duplicates).
+    Restored,
 }
 
 impl Worker {
@@ -601,8 +667,7 @@ impl Worker {
         }
         self.observe("apply", started);
         if changed || !outputs.is_empty() {
-            self.publish(&outputs).await?;
-            self.snapshot(now).await?;
+            self.commit(now, &outputs).await?;
         }
         for s in settle {
             match s {
@@ -660,9 +725,54 @@ impl Worker {
             tracing::info_span!(parent: None, "tick", otel.name = "tick", outputs = outputs.len());
         let outputs: Vec<(Output, tracing::Span)> =
             outputs.into_iter().map(|o| (o, span.clone())).collect();
-        self.publish(&outputs).await?;
-        self.snapshot(now).await?;
+        self.commit(now, &outputs).await?;
         self.refresh_gauges();
+        Ok(())
+    }
+
+    /// Persist the state with `outputs` as its outbox, then publish them — in that order,
+    /// so nothing is published that a restarted engine would not know (module docs).
+    async fn commit(
+        &mut self,
+        now: u64,
+        outputs: &[(Output, tracing::Span)],
+    ) -> anyhow::Result<()> {
+        let outbox = outputs.iter().map(|(o, _)| o.clone()).collect();
+        self.snapshot(now, outbox).await?;
+        self.publish(outputs, Origin::Decided).await?;
+        self.stale_outbox = !outputs.is_empty();
+        Ok(())
+    }
+
+    /// Publish the restored snapshot's outbox (under a root span `recover`).
+    async fn recover(&mut self, outbox: Vec<Output>) -> anyhow::Result<()> {
+        if outbox.is_empty() {
+            return Ok(());
+        }
+        let span = tracing::info_span!(
+            parent: None,
+            "recover",
+            otel.name = "recover",
+            outputs = outbox.len()
+        );
+        tracing::info!(
+            outputs = outbox.len(),
+            "publishing the restored snapshot's outbox (decided before the restart, maybe not all stored)"
+        );
+        let outputs: Vec<(Output, tracing::Span)> =
+            outbox.into_iter().map(|o| (o, span.clone())).collect();
+        self.publish(&outputs, Origin::Restored).await?;
+        self.stale_outbox = true;
+        Ok(())
+    }
+
+    /// Rewrite the snapshot without its outbox once that outbox is published.
+    async fn clear_outbox(&mut self) -> anyhow::Result<()> {
+        if !self.stale_outbox {
+            return Ok(());
+        }
+        self.snapshot(self.clock.now_millis(), Vec::new()).await?;
+        self.stale_outbox = false;
         Ok(())
     }
 
@@ -696,8 +806,14 @@ impl Worker {
     }
 
     /// Store every output (in order, pipelined), retrying the whole list until it is
-    /// stored or the service stops; ids make the retries idempotent.
-    async fn publish(&self, outputs: &[(Output, tracing::Span)]) -> anyhow::Result<()> {
+    /// stored or the service stops; ids make the retries idempotent. Duplicates of
+    /// [`Origin::Decided`] outputs on the first attempt are divergences; any other is a
+    /// harmless re-publish.
+    async fn publish(
+        &self,
+        outputs: &[(Output, tracing::Span)],
+        origin: Origin,
+    ) -> anyhow::Result<()> {
         if outputs.is_empty() {
             return Ok(());
         }
@@ -722,18 +838,28 @@ impl Worker {
         let mut attempt = 0u32;
         loop {
             match self.publish_once(&events).await {
-                Ok(replayed) => {
+                Ok(duplicates) => {
                     for (_, _, _, label) in &events {
                         self.metrics.outputs.with_label_values(&[label]).inc();
                     }
-                    if replayed > 0 {
+                    let first_decided = origin == Origin::Decided && attempt == 0;
+                    if !duplicates.is_empty() && first_decided {
+                        self.metrics
+                            .divergence
+                            .with_label_values::<&str>(&[])
+                            .inc_by(duplicates.len() as u64);
+                        tracing::error!(
+                            ids = ?duplicates,
+                            "freshly decided outputs reuse ids the stream already holds: the engine is behind what was published (restored from an older state?) and the stream keeps the earlier decisions"
+                        );
+                    } else if !duplicates.is_empty() {
                         self.metrics
                             .replayed
                             .with_label_values::<&str>(&[])
-                            .inc_by(replayed);
-                        tracing::warn!(
-                            replayed,
-                            "outputs were already stored (a batch replayed after a crash); the first stored decision stands"
+                            .inc_by(duplicates.len() as u64);
+                        tracing::info!(
+                            replayed = duplicates.len(),
+                            "outputs published again were already stored (de-duplicated)"
                         );
                     }
                     self.observe("publish", started);
@@ -755,11 +881,11 @@ impl Worker {
         }
     }
 
-    /// Send every event, then wait for every ack; returns how many were duplicates.
-    async fn publish_once(
+    /// Send every event, then wait for every ack; returns the ids of the duplicates.
+    async fn publish_once<'e>(
         &self,
-        events: &[(String, CloudEvent, &tracing::Span, &str)],
-    ) -> Result<u64, String> {
+        events: &'e [(String, CloudEvent, &tracing::Span, &str)],
+    ) -> Result<Vec<&'e str>, String> {
         let js = self.bus.jetstream();
         let mut pending = Vec::with_capacity(events.len());
         for (subject, event, parent, _) in events {
@@ -772,29 +898,30 @@ impl Worker {
                 .instrument(span.clone())
                 .await
                 .map_err(|e| format!("publish to {subject}: {e}"))?;
-            pending.push((subject, ack, span));
+            pending.push((subject, event.id.as_str(), ack, span));
         }
-        let mut replayed = 0;
-        for (subject, ack, span) in pending {
+        let mut duplicates = Vec::new();
+        for (subject, id, ack, span) in pending {
             let ack = std::future::IntoFuture::into_future(ack)
                 .instrument(span)
                 .await
                 .map_err(|e| format!("stream ack for {subject}: {e}"))?;
             if ack.duplicate {
-                replayed += 1;
+                duplicates.push(id);
             }
         }
-        Ok(replayed)
+        Ok(duplicates)
     }
 
-    /// Write the snapshot; a fenced or oversized snapshot stops the service, a failing
-    /// bucket is retried until it works or the service stops.
-    async fn snapshot(&mut self, now: u64) -> anyhow::Result<()> {
+    /// Write the snapshot with `outbox`; a fenced or oversized snapshot stops the service,
+    /// a failing bucket is retried until it works or the service stops.
+    async fn snapshot(&mut self, now: u64, outbox: Vec<Output>) -> anyhow::Result<()> {
         let started = Instant::now();
         let stored = Stored {
             format: Stored::FORMAT,
             saved_at_ms: now,
             applied: self.applied.clone(),
+            outbox,
             engine: self.engine.snapshot(),
         };
         loop {

@@ -96,11 +96,16 @@ pub enum Input {
 }
 
 /// One event the engine produced; the adapter publishes each on its subject.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serialisable so that a persisted state can carry the outputs it decided and that may
+/// not be published yet (the adapter's outbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Output {
     /// `cc.v1.calls.<call>.<event>`.
     Call {
         /// Which call event (queued, offered, assigned, abandoned, overflowed, ended).
+        #[serde(with = "call_event_token")]
         event: CallEvent,
         /// The data.
         update: CallUpdate,
@@ -109,6 +114,25 @@ pub enum Output {
     AgentState(AgentStateChanged),
     /// `cc.v1.agents.<agent>.evt.missed`.
     AgentMissed(AgentMissed),
+}
+
+/// A [`CallEvent`] as its subject token (`offered`, `assigned`, …).
+mod call_event_token {
+    use patchbay_protocol::CallEvent;
+    use serde::de::Error as _;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(event: &CallEvent, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(event.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CallEvent, D::Error> {
+        let token = String::deserialize(d)?;
+        CallEvent::ALL
+            .into_iter()
+            .find(|e| e.as_str() == token)
+            .ok_or_else(|| D::Error::custom(format!("unknown call event {token:?}")))
+    }
 }
 
 /// The aggregate an output is about (its subject token and sequence space).

@@ -9,9 +9,10 @@
 //! time), no I/O and no NATS; a thin [`adapter`] consumes the subjects of
 //! `patchbay-protocol` ([`input`] decodes them), feeds [`engine::Input`]s, publishes
 //! [`engine::Output`]s and persists [`engine::Snapshot`]s in the `cc-agents` KV bucket
-//! ([`store`]) after every batch and before acknowledging it, so a crash loses no queued
-//! call, reservation or wrap-up deadline — the order and what a crash at each step does
-//! are documented in [`adapter`]. [`metrics`] lists what the service exports.
+//! ([`store`]) after applying every batch, before publishing its outputs or acknowledging
+//! it, so a crash loses no queued call, reservation or wrap-up deadline and a restarted
+//! engine never contradicts what the streams show — the order and what a crash at each
+//! step does are documented in [`adapter`]. [`metrics`] lists what the service exports.
 //!
 //! # Queue order and the aging rule
 //!

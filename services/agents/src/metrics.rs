@@ -8,7 +8,8 @@
 //! | `patchbay_agents_rejected_total` | `reason` (`subject`, `envelope`, `json`, `mismatch`, or the engine's refusal: `unknown-agent`, `not-offered`, …) | inputs terminated as bad |
 //! | `patchbay_agents_ignored_total` | `reason` (`duplicate-call`, `call-finished`, `no-change`, …, `closed-call`) | inputs that changed nothing (redeliveries, races) |
 //! | `patchbay_agents_outputs_total` | `event` (`queued`, `offered`, …, `state-changed`, `missed`) | events published |
-//! | `patchbay_agents_replayed_outputs_total` | — | outputs the stream already held (a batch replayed after a crash) |
+//! | `patchbay_agents_replayed_outputs_total` | — | outputs the stream already held when published again: the restored outbox after a crash, or a retried publish (harmless) |
+//! | `patchbay_agents_replay_divergence_total` | — | freshly decided outputs whose id the stream already held: the engine went back behind what it had published and may contradict the stream; 0 in normal operation, crashes included |
 //! | `patchbay_agents_batch_inputs` | — | inputs per batch (histogram) |
 //! | `patchbay_agents_batch_duration_seconds` | `stage` (`apply`, `publish`, `snapshot`) | batch time by stage |
 //! | `patchbay_agents_snapshot_bytes` | `encoding` (`compressed`, `json`) | size of the last snapshot |
@@ -45,8 +46,10 @@ pub struct AgentsMetrics {
     pub ignored: IntCounterVec,
     /// Published events by event.
     pub outputs: IntCounterVec,
-    /// Outputs already in the stream when published.
+    /// Outputs already in the stream when published again (outbox, retries).
     pub replayed: IntCounterVec,
+    /// Fresh outputs whose id the stream already held.
+    pub divergence: IntCounterVec,
     /// Inputs per batch.
     pub batch_inputs: HistogramVec,
     /// Batch time by stage.
@@ -93,7 +96,12 @@ impl AgentsMetrics {
             )?,
             replayed: metrics.counter_vec(
                 "patchbay_agents_replayed_outputs_total",
-                "Outputs the stream already held when published (a batch replayed after a crash)",
+                "Outputs the stream already held when published again (the outbox restored after a crash, a retried publish)",
+                &[],
+            )?,
+            divergence: metrics.counter_vec(
+                "patchbay_agents_replay_divergence_total",
+                "Freshly decided outputs whose id the stream already held (the engine went back behind what it had published)",
                 &[],
             )?,
             batch_inputs: metrics.histogram_vec(

@@ -2,11 +2,13 @@
 //! with revision compare-and-set.
 //!
 //! Owns the stored format ([`Stored`]: the engine [`Snapshot`] plus, per consumer, which
-//! stream sequences are already reflected in it — [`AppliedSeqs`]), its encoding (JSON,
+//! stream sequences are already reflected in it — [`AppliedSeqs`] — and the outbox, the
+//! outputs that state decided and that may not be in their streams yet), its encoding (JSON,
 //! zlib-compressed with the pure-Rust `miniz_oxide`, because 5,000 agents make ~2.4 MiB of
 //! JSON and a NATS message is 1 MiB by default) and the KV key with its fencing
-//! ([`SnapshotStore`]). It does not decide *when* to save — the adapter saves after every
-//! batch, before acking it (see [`crate::adapter`]).
+//! ([`SnapshotStore`]). It does not decide *when* to save — the adapter saves after
+//! applying every batch, before publishing its outputs or acking it (see
+//! [`crate::adapter`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -15,7 +17,7 @@ use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Snapshot;
+use crate::engine::{Output, Snapshot};
 
 /// The KV key holding the snapshot.
 pub const SNAPSHOT_KEY: &str = "engine";
@@ -60,7 +62,7 @@ pub enum StoreError {
     },
     /// The stored value was written by an incompatible build.
     #[error(
-        "stored snapshot {key:?} has format {found} (engine {engine_found}); this build reads format {expected} (engine {engine_expected})"
+        "stored snapshot {key:?} has format {found} (engine {engine_found}); this build reads formats {oldest} to {expected} (engine {engine_expected})"
     )]
     Format {
         /// The KV key.
@@ -69,7 +71,9 @@ pub enum StoreError {
         found: u32,
         /// The stored engine format.
         engine_found: u32,
-        /// The wrapper format this build reads.
+        /// The oldest wrapper format this build reads.
+        oldest: u32,
+        /// The wrapper format this build writes (and the newest it reads).
         expected: u32,
         /// The engine format this build reads.
         engine_expected: u32,
@@ -163,13 +167,22 @@ pub struct Stored {
     pub saved_at_ms: u64,
     /// Per consumer (`STREAM/consumer`), the inputs already applied.
     pub applied: BTreeMap<String, AppliedSeqs>,
+    /// The outputs decided by the last batch (or tick) reflected in `engine`, in order. They
+    /// are written here *before* being published, so some may not be in their streams: a
+    /// restored engine publishes them again (de-duplicated by id) before anything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Output>,
     /// The engine state.
     pub engine: Snapshot,
 }
 
 impl Stored {
-    /// The wrapper format this build writes.
-    pub const FORMAT: u32 = 1;
+    /// The wrapper format this build writes. 2 added the outbox; a format-1 snapshot (no
+    /// outbox: its build published before snapshotting) still reads, with an empty one.
+    /// Builds that read only format 1 refuse format 2 rather than drop its outbox.
+    pub const FORMAT: u32 = 2;
+    /// The oldest wrapper format this build reads.
+    pub const OLDEST_READABLE: u32 = 1;
 
     /// The JSON of this snapshot, zlib-compressed; `(compressed, json length)`.
     pub fn encode(&self) -> Result<(Vec<u8>, usize)> {
@@ -201,11 +214,14 @@ impl Stored {
                 key: key.to_owned(),
                 source,
             })?;
-        if formats.format != Self::FORMAT || formats.engine.format != Snapshot::FORMAT {
+        if !(Self::OLDEST_READABLE..=Self::FORMAT).contains(&formats.format)
+            || formats.engine.format != Snapshot::FORMAT
+        {
             return Err(StoreError::Format {
                 key: key.to_owned(),
                 found: formats.format,
                 engine_found: formats.engine.format,
+                oldest: Self::OLDEST_READABLE,
                 expected: Self::FORMAT,
                 engine_expected: Snapshot::FORMAT,
             });
@@ -477,6 +493,7 @@ mod tests {
             format: Stored::FORMAT,
             saved_at_ms: 42,
             applied,
+            outbox: Vec::new(),
             engine: engine.snapshot(),
         }
     }
@@ -488,6 +505,74 @@ mod tests {
         let (bytes, json_len) = original.encode().unwrap();
         assert!(bytes.len() < json_len, "compression made it bigger");
         assert_eq!(Stored::decode("engine", &bytes).unwrap(), original);
+    }
+
+    #[test]
+    fn the_outbox_survives_encoding_in_order() {
+        let mut engine = busy_engine(0, 0);
+        let profile = AgentProfile {
+            skills: Vec::new(),
+            queues: Vec::new(),
+            capacity: BTreeMap::new(),
+        };
+        let mut outbox = engine
+            .apply(
+                5_000,
+                Input::SetState(SetAgentState {
+                    agent_id: "a-1".into(),
+                    state: AgentState::Available,
+                    profile: Some(profile),
+                }),
+            )
+            .unwrap()
+            .outputs;
+        outbox.extend(
+            engine
+                .apply(
+                    5_001,
+                    Input::Routed(CallRouted {
+                        call_id: "c-1".into(),
+                        seq: 1,
+                        queue: "sales".into(),
+                        priority: 0,
+                        requirements: Vec::new(),
+                        relaxation: Vec::new(),
+                        overflow: Vec::new(),
+                        channel: Channel::Voice,
+                        customer_tier: "standard".into(),
+                        customer_id: None,
+                        rule: "default".into(),
+                        lookup_ok: true,
+                        routed_at_ms: 5_001,
+                    }),
+                )
+                .unwrap()
+                .outputs,
+        );
+        // state-changed, queued, offered, state-changed (reserved).
+        assert_eq!(outbox.len(), 4, "{outbox:?}");
+        let mut original = stored(&engine);
+        original.outbox = outbox;
+        let (bytes, _) = original.encode().unwrap();
+        let decoded = Stored::decode("engine", &bytes).unwrap();
+        assert_eq!(decoded.outbox, original.outbox);
+        assert_eq!(
+            decoded.outbox.iter().map(Output::id).collect::<Vec<_>>(),
+            ["agent-a-1-1", "call-c-1-2", "call-c-1-3", "agent-a-1-2"]
+        );
+    }
+
+    #[test]
+    fn a_format_1_snapshot_still_reads_with_an_empty_outbox() {
+        let mut old = serde_json::to_value(stored(&busy_engine(3, 2))).unwrap();
+        old["format"] = serde_json::json!(1);
+        assert!(
+            old.get("outbox").is_none(),
+            "an empty outbox is not written"
+        );
+        let bytes = miniz_oxide::deflate::compress_to_vec_zlib(old.to_string().as_bytes(), 1);
+        let decoded = Stored::decode("engine", &bytes).unwrap();
+        assert_eq!((decoded.format, decoded.outbox.len()), (1, 0));
     }
 
     #[test]

@@ -442,6 +442,45 @@ fn an_agent_logging_out_during_a_reservation_cancels_it_at_once() {
     );
 }
 
+/// Why the adapter persists a batch before publishing it: the same state fed the same two
+/// inputs in the other order — what redelivery after a crash does across the two
+/// consumers — decides otherwise under the same event id.
+#[test]
+fn an_accept_and_a_hangup_in_either_order_give_one_id_two_meanings() {
+    let mut before = Harness::new(config());
+    before.login(0, "a-1", profile(&[], &[("sales", 1, 0)]));
+    before.route(S, routed("c-1", "sales"));
+    let saved = before.engine.snapshot();
+    let call_events = |first: Input, second: Input| {
+        let mut h = Harness {
+            engine: Engine::restore(config(), saved.clone()),
+        };
+        let mut out = h.apply(2 * S, first).outputs;
+        out.extend(h.apply(2 * S, second).outputs);
+        out.iter()
+            .filter_map(|o| Some((o.id(), o.call_event()?)))
+            .collect::<Vec<_>>()
+    };
+    let accept = || Input::Accept(answer("a-1", "c-1"));
+    let hangup = || {
+        Input::Hangup(CallHangup {
+            call_id: "c-1".to_string(),
+            reason: None,
+        })
+    };
+    assert_eq!(
+        call_events(accept(), hangup()),
+        [
+            ("call-c-1-5".to_string(), CallEvent::Assigned),
+            ("call-c-1-6".to_string(), CallEvent::Ended)
+        ]
+    );
+    assert_eq!(
+        call_events(hangup(), accept()),
+        [("call-c-1-5".to_string(), CallEvent::Abandoned)]
+    );
+}
+
 #[test]
 fn a_caller_abandoning_while_reserved_frees_the_agent_at_once() {
     let mut h = Harness::new(config());
