@@ -16,14 +16,7 @@ use patchbay_host::{
     PublishAllowList, Retry,
 };
 
-fn component(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../../build/components/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read {path} ({e}): run `make wasm` first"))
-}
+mod common;
 
 fn test_config() -> EngineConfig {
     EngineConfig {
@@ -43,8 +36,8 @@ struct Fixtures {
 /// part, and sharing the code also proves that failures do not poison it.
 static FIXTURES: LazyLock<Fixtures> = LazyLock::new(|| {
     let engine = Engine::new(test_config()).unwrap();
-    let echo = engine.load(&component("echo")).unwrap();
-    let misbehave = engine.load(&component("misbehave")).unwrap();
+    let echo = engine.load(&common::component("echo")).unwrap();
+    let misbehave = engine.load(&common::component("misbehave")).unwrap();
     Fixtures {
         engine,
         echo,
@@ -440,7 +433,7 @@ async fn fuel_metering_stops_a_loop_and_counts_use() {
         ..test_config()
     })
     .unwrap();
-    let code = engine.load(&component("misbehave")).unwrap();
+    let code = engine.load(&common::component("misbehave")).unwrap();
     let caps = Arc::new(MemoryCapabilities::new());
     let looping = code
         .invoke(&engine, event("loop", b""), invocation(&caps))
@@ -475,7 +468,10 @@ async fn code_from_another_engine_is_refused() {
 
 #[test]
 fn other_world_is_a_world_mismatch_naming_its_exports() {
-    let error = FIXTURES.engine.load(&component("other-world")).unwrap_err();
+    let error = FIXTURES
+        .engine
+        .load(&common::component("other-world"))
+        .unwrap_err();
     assert_eq!(
         error,
         LoadError::WorldMismatch {
@@ -487,7 +483,10 @@ fn other_world_is_a_world_mismatch_naming_its_exports() {
 
 #[test]
 fn core_module_is_refused_as_not_a_component() {
-    let error = FIXTURES.engine.load(&component("core-module")).unwrap_err();
+    let error = FIXTURES
+        .engine
+        .load(&common::component("core-module"))
+        .unwrap_err();
     assert_eq!(error, LoadError::CoreModule);
     assert!(error.to_string().contains("not a component"));
 }
@@ -505,7 +504,7 @@ fn random_bytes_are_not_wasm() {
 
 #[test]
 fn truncated_component_is_invalid() {
-    let echo = component("echo");
+    let echo = common::component("echo");
     assert!(matches!(
         FIXTURES.engine.load(&echo[..echo.len() / 2]),
         Err(LoadError::Invalid { .. })
@@ -519,7 +518,7 @@ fn oversized_component_is_too_large() {
         ..test_config()
     })
     .unwrap();
-    let echo = component("echo");
+    let echo = common::component("echo");
     assert_eq!(
         engine.load(&echo).unwrap_err(),
         LoadError::TooLarge {
@@ -532,7 +531,7 @@ fn oversized_component_is_too_large() {
 #[test]
 fn loading_the_same_bytes_again_reuses_the_compiled_code() {
     let f = &*FIXTURES;
-    let again = f.engine.load(&component("echo")).unwrap();
+    let again = f.engine.load(&common::component("echo")).unwrap();
     assert_eq!(again.digest(), f.echo.digest());
     assert_eq!(again.digest().len(), 64);
     assert_eq!(
@@ -549,7 +548,7 @@ async fn disk_cache_survives_an_engine_restart_and_ignores_corrupt_entries() {
         cache_dir: Some(dir.path().join("compiled")),
         ..test_config()
     };
-    let echo = component("echo");
+    let echo = common::component("echo");
 
     let first = Engine::new(config.clone()).unwrap();
     assert_eq!(first.load(&echo).unwrap().origin(), CodeOrigin::Compiled);

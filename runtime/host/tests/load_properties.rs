@@ -10,16 +10,9 @@ use std::sync::LazyLock;
 use patchbay_host::{Engine, EngineConfig, LoadError};
 use proptest::prelude::*;
 
-fn component(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../../build/components/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read {path} ({e}): run `make wasm` first"))
-}
+mod common;
 
-static ECHO: LazyLock<Vec<u8>> = LazyLock::new(|| component("echo"));
+static ECHO: LazyLock<Vec<u8>> = LazyLock::new(|| common::component("echo"));
 static ENGINE: LazyLock<Engine> = LazyLock::new(|| {
     Engine::new(EngineConfig {
         max_concurrent_instances: 4,

@@ -11,15 +11,12 @@ use patchbay_host::{
     Engine, EngineConfig, Event, Invocation, InvokeError, Limits, MemoryCapabilities,
 };
 
+mod common;
+
 const MIB: u64 = 1 << 20;
 
 fn misbehave() -> Vec<u8> {
-    let path = format!(
-        "{}/../../build/components/misbehave.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{path}: {e} (build the fixtures with scripts/build-wasm.sh)"))
+    common::component("misbehave")
 }
 
 fn oom_event() -> Event {

@@ -252,14 +252,23 @@ mod tests {
     fn spans_beyond_the_queue_capacity_are_counted_as_dropped() {
         let (provider, metrics) = provider(true, 4);
         end_spans(&provider, 10);
-        assert_eq!(metrics.queue_full.get(), 6);
+        // The SDK caps its batch size at the queue size, so its export thread may take a
+        // full queue away while spans are still ending: how many are dropped depends on
+        // that thread's timing, but every span is either exported or counted as dropped,
+        // and never more than the queue's capacity waits at once.
+        let dropped = metrics.queue_full.get();
+        assert!(
+            dropped <= 6,
+            "at least the capacity is admitted: {dropped} dropped"
+        );
         provider.force_flush().unwrap();
-        assert_eq!(metrics.exported.get(), 4);
+        assert_eq!(metrics.exported.get() + dropped, 10);
         // Exporting freed the queue: the next spans are admitted again.
+        let exported = metrics.exported.get();
         end_spans(&provider, 2);
         provider.force_flush().unwrap();
-        assert_eq!(metrics.exported.get(), 6);
-        assert_eq!(metrics.queue_full.get(), 6);
+        assert_eq!(metrics.exported.get(), exported + 2);
+        assert_eq!(metrics.queue_full.get(), dropped);
         provider.shutdown().unwrap();
     }
 

@@ -110,10 +110,7 @@ pub(crate) async fn handle_core(
 ) {
     let span = node.bus.process_span(&msg.subject, msg.headers.as_ref());
     async move {
-        let chain = node
-            .bus
-            .enter_hop(msg.headers.as_ref(), &format!("fn/{}", f.name))
-            .map_err(|refused| refused.to_string());
+        let chain = enter_hop(&node, &f, msg.headers.as_ref());
         let event = match chain.and_then(|chain| Ok((chain, decode(&msg)?))) {
             Ok(decoded) => decoded,
             Err(reason) => {
@@ -167,6 +164,19 @@ pub(crate) async fn handle_core(
     }
     .instrument(span)
     .await;
+}
+
+/// The hop chain for running `f` on a message with `headers` (see
+/// [`patchbay_bus::hops`]), or why the message is refused: it has passed through as many
+/// handlers as the bus allows, which means a loop.
+pub(crate) fn enter_hop(
+    node: &Node,
+    f: &Deployed,
+    headers: Option<&HeaderMap>,
+) -> Result<patchbay_bus::hops::HopChain, String> {
+    node.bus
+        .enter_hop(headers, &format!("fn/{}", f.name))
+        .map_err(|refused| refused.to_string())
 }
 
 /// The CloudEvent and deadline a message carries, or why it is unusable.

@@ -142,13 +142,9 @@ pub(super) async fn handle(
     async move {
         // An event that has passed through too many handlers is a loop: stop it here,
         // with the chain that shows where it went.
-        let chain = match node
-            .bus
-            .enter_hop(msg.headers.as_ref(), &format!("fn/{}", f.name))
-        {
+        let chain = match super::enter_hop(&node, &f, msg.headers.as_ref()) {
             Ok(chain) => chain,
-            Err(refused) => {
-                let reason = refused.to_string();
+            Err(reason) => {
                 tracing::warn!(%reason, "refused an event at the hop limit");
                 return dead_letter(&node, &f, &msg, delivered, &reason, &source).await;
             }
