@@ -422,6 +422,25 @@ impl SnapshotStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A plain routed call: first in its sequence, no requirements, default rule.
+    fn routed(call: &str, queue: &str, at_ms: u64) -> Input {
+        Input::Routed(CallRouted {
+            call_id: call.into(),
+            seq: 1,
+            queue: queue.into(),
+            priority: 0,
+            requirements: Vec::new(),
+            relaxation: Vec::new(),
+            overflow: Vec::new(),
+            channel: Channel::Voice,
+            customer_tier: "standard".into(),
+            customer_id: None,
+            rule: "default".into(),
+            lookup_ok: true,
+            routed_at_ms: at_ms,
+        })
+    }
     use crate::engine::{Engine, EngineConfig, Input};
     use patchbay_protocol::payload::{
         AgentProfile, AgentSkill, AgentState, CallRouted, Channel, QueueMembership, SetAgentState,
@@ -462,21 +481,7 @@ mod tests {
             engine
                 .apply(
                     now,
-                    Input::Routed(CallRouted {
-                        call_id: format!("call-{c}"),
-                        seq: 1,
-                        queue: format!("queue-{}", c % 200),
-                        priority: 0,
-                        requirements: Vec::new(),
-                        relaxation: Vec::new(),
-                        overflow: Vec::new(),
-                        channel: Channel::Voice,
-                        customer_tier: "standard".into(),
-                        customer_id: None,
-                        rule: "default".into(),
-                        lookup_ok: true,
-                        routed_at_ms: now,
-                    }),
+                    routed(&format!("call-{c}"), &format!("queue-{}", c % 200), now),
                 )
                 .unwrap();
         }
@@ -528,24 +533,7 @@ mod tests {
             .outputs;
         outbox.extend(
             engine
-                .apply(
-                    5_001,
-                    Input::Routed(CallRouted {
-                        call_id: "c-1".into(),
-                        seq: 1,
-                        queue: "sales".into(),
-                        priority: 0,
-                        requirements: Vec::new(),
-                        relaxation: Vec::new(),
-                        overflow: Vec::new(),
-                        channel: Channel::Voice,
-                        customer_tier: "standard".into(),
-                        customer_id: None,
-                        rule: "default".into(),
-                        lookup_ok: true,
-                        routed_at_ms: 5_001,
-                    }),
-                )
+                .apply(5_001, routed("c-1", "sales", 5_001))
                 .unwrap()
                 .outputs,
         );
