@@ -47,11 +47,12 @@ build-release:
 test: nats test-tools wasm wasm-route-b build wasm-test ## install what is missing, build everything, run all tests
 	$(CARGO) test --workspace --no-fail-fast
 
-fuzz: wasm ## the property targets (CloudEvents, header blocks, hop chains, subjects, routing rules, access policy, component loading) with many more cases
+fuzz: wasm ## the property targets (CloudEvents, header blocks, hop chains, subjects, subject patterns, routing rules, access policy, component loading) with many more cases
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test --release -p patchbay-bus --test properties
+	PROPTEST_CASES=$${PROPTEST_CASES:-5000} $(CARGO) test --release -p patchbay-bus --test patterns
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test --release -p patchbay-routing --test properties
-	PROPTEST_CASES=$${PROPTEST_CASES:-5000} $(CARGO) test --release -p patchbay-cli --test access_properties
-	PROPTEST_CASES=$${PROPTEST_CASES:-2000} $(CARGO) test --release -p patchbay-host --test load_properties
+	PROPTEST_CASES=$${PROPTEST_CASES:-5000} $(CARGO) test --release -p patchbay-control --test access_properties
+	PROPTEST_CASES=$${PROPTEST_CASES:-2000} $(CARGO) test --release -p patchbay-engine --test load_properties
 
 lint: ## formatting and clippy, as CI checks them
 	$(CARGO) fmt --all -- --check

@@ -29,9 +29,9 @@ use std::time::Duration;
 use async_nats::jetstream::{kv, stream};
 use futures::StreamExt as _;
 use patchbay_bus::{Bus, BusNotice};
-use patchbay_cli::access::{AccessPolicy, Expectations, Undeclared};
-use patchbay_cli::certs::Identity;
-use patchbay_cli::streams::Declaration;
+use patchbay_control::access::{AccessPolicy, Expectations, Undeclared};
+use patchbay_control::certs::Identity;
+use patchbay_control::streams::Declaration;
 use patchbay_tests::{Stack, repo_root};
 use tokio::sync::broadcast;
 
@@ -104,8 +104,6 @@ fn ops(e: &Expectations) -> Vec<Op> {
             .collect::<Vec<_>>()
     };
     let mut out = publish(&e.publish_allowed, true);
-    // What deploy/access.toml says a glob reaches on undeclared assets: the server must agree.
-    out.extend(publish(&e.publish_glob_reachable, true));
     out.extend(publish(&e.publish_refused, false));
     out.extend(subscribe(&e.subscribe_allowed, true));
     out.extend(subscribe(&e.subscribe_refused, false));
@@ -455,7 +453,6 @@ async fn no_workload_may_create_or_delete_any_declared_stream_bucket_or_consumer
             publish_refused: subjects.clone(),
             subscribe_allowed: Vec::new(),
             subscribe_refused: Vec::new(),
-            publish_glob_reachable: Vec::new(),
         };
         failures.extend(check_identity(&stack, &observer, who, &e).await);
     }
@@ -488,8 +485,9 @@ async fn read_as(bus: &Bus, subject: String, body: serde_json::Value) -> Option<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeclared_streams_and_buckets_the_admin_creates_are_out_of_every_workloads_reach() {
     // The admin creates what nobody declared (`[undeclared]` in deploy/access.toml) and
-    // stores a secret in each. Every non-admin identity is refused every probe, except the
-    // ones deploy/access.toml says the function hosts' `patchbay-fn-*` glob reaches.
+    // stores a secret in each. Every non-admin identity — the function hosts included, whose
+    // function state is now one declared bucket instead of a glob — is refused every probe:
+    // stream info, unnamed and named consumer creation, direct and classic gets, KV writes.
     let policy = policy();
     let undeclared = policy.undeclared().clone();
     assert!(!undeclared.streams.is_empty() && !undeclared.key_values.is_empty());
@@ -529,23 +527,17 @@ async fn undeclared_streams_and_buckets_the_admin_creates_are_out_of_every_workl
         .filter(|id| **id != Identity::admin())
     {
         let full = policy.expectations(who).unwrap();
-        let refused: Vec<String> = probes
-            .iter()
-            .filter(|p| full.publish_refused.contains(p))
-            .cloned()
-            .collect();
-        if refused.len() + full.publish_glob_reachable.len() != probes.len() {
+        if let Some(missing) = probes.iter().find(|p| !full.publish_refused.contains(p)) {
             failures.push(format!(
-                "{who}: some probes are neither refused nor documented"
+                "{who}: the policy does not expect {missing} refused"
             ));
         }
         let e = Expectations {
             identity: who.clone(),
-            publish_allowed: full.publish_glob_reachable.clone(),
-            publish_refused: refused,
+            publish_allowed: Vec::new(),
+            publish_refused: probes.clone(),
             subscribe_allowed: Vec::new(),
             subscribe_refused: Vec::new(),
-            publish_glob_reachable: Vec::new(),
         };
         failures.extend(check_identity(&stack, &observer, who, &e).await);
 
@@ -571,11 +563,57 @@ async fn undeclared_streams_and_buckets_the_admin_creates_are_out_of_every_workl
                 format!("$JS.API.STREAM.MSG.GET.KV_{bucket}"),
                 serde_json::json!({ "last_by_subj": format!("$KV.{bucket}.deny-matrix") }),
             ));
+            reads.push(read_as(
+                &bus,
+                format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.deny-matrix"),
+                serde_json::json!({}),
+            ));
         }
         for reply in futures::future::join_all(reads).await.into_iter().flatten() {
             // MSG.GET answers base64 data; DIRECT.GET the raw message.
             if reply.contains(SECRET) || reply.contains("dW5kZWNsYXJlZCBzZWNyZXQ=") {
                 failures.push(format!("{who} read an undeclared asset: {reply}"));
+            }
+        }
+        // Not even the configuration: stream info gets no answer.
+        let stores = undeclared
+            .streams
+            .iter()
+            .cloned()
+            .chain(undeclared.key_values.iter().map(|b| format!("KV_{b}")));
+        for stream in stores.clone() {
+            let info = format!("$JS.API.STREAM.INFO.{stream}");
+            if let Some(reply) = read_as(&bus, info, serde_json::json!({})).await {
+                failures.push(format!("{who} read the info of {stream}: {reply}"));
+            }
+        }
+        // Nor an ephemeral push consumer delivering the whole stream to its own inbox.
+        for stream in stores {
+            let inbox = format!("{}.undeclared-{stream}", who.inbox_prefix());
+            let mut delivered = bus.client().subscribe(inbox.clone()).await.unwrap();
+            let create = read_as(
+                &bus,
+                format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                serde_json::json!({
+                    "stream_name": stream,
+                    "config": {
+                        "deliver_subject": inbox,
+                        "deliver_policy": "all",
+                        "ack_policy": "none",
+                    },
+                }),
+            )
+            .await;
+            if let Some(reply) = create {
+                failures.push(format!("{who} created a consumer on {stream}: {reply}"));
+            }
+            if let Ok(Some(m)) =
+                tokio::time::timeout(Duration::from_millis(500), delivered.next()).await
+            {
+                failures.push(format!(
+                    "{who} was delivered {stream}'s {:?}",
+                    String::from_utf8_lossy(&m.payload)
+                ));
             }
         }
     }
@@ -598,5 +636,163 @@ async fn undeclared_streams_and_buckets_the_admin_creates_are_out_of_every_workl
         "{} failures:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// Invoke the `misbehave` fixture deployed as `name` with an event of type `ty`.
+async fn invoke_fixture(
+    bus: &Bus,
+    name: &str,
+    ty: &str,
+    data: serde_json::Value,
+) -> patchbay_bus::reply::InvokeReply {
+    let event = patchbay_bus::CloudEvent::new("/test", ty)
+        .json(&data)
+        .unwrap();
+    let subject = bus
+        .subjects()
+        .fn_invoke(&patchbay_bus::Token::new(name).unwrap());
+    let reply = bus
+        .request(
+            &subject,
+            &event,
+            patchbay_bus::RequestOptions::timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("invoke {name} ({ty}) failed: {e}"));
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// What `name`'s `kv.get(key)` returns: the value, or `None` when the function says the
+/// key is absent.
+async fn fixture_get(bus: &Bus, name: &str, key: &str) -> Option<String> {
+    use base64::Engine as _;
+    use patchbay_bus::reply::{FailureReply, InvokeReply};
+    match invoke_fixture(bus, name, "kv-get", serde_json::json!({ "key": key })).await {
+        InvokeReply::Ok { outputs, .. } => Some(match outputs[0]["data_base64"].as_str() {
+            Some(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
+                String::from_utf8(bytes).unwrap()
+            }
+            None => outputs[0]["data"].as_str().unwrap_or_default().to_owned(),
+        }),
+        InvokeReply::Failure {
+            failure: FailureReply::Drop { .. },
+            ..
+        } => None,
+        other => panic!("{name} kv-get {key}: {other:?}"),
+    }
+}
+
+/// `name`'s own `kv.keys()`, sorted.
+async fn fixture_keys(bus: &Bus, name: &str) -> serde_json::Value {
+    match invoke_fixture(bus, name, "kv-keys", serde_json::json!({})).await {
+        patchbay_bus::reply::InvokeReply::Ok { outputs, .. } => {
+            let data = &outputs[0]["data"];
+            match data {
+                serde_json::Value::String(text) => serde_json::from_str(text).unwrap(),
+                json => json.clone(),
+            }
+        }
+        other => panic!("{name} kv-keys: {other:?}"),
+    }
+}
+
+async fn fixture_set(bus: &Bus, name: &str, key: &str, value: &str) {
+    let reply = invoke_fixture(
+        bus,
+        name,
+        "kv-set",
+        serde_json::json!({ "key": key, "value": value }),
+    )
+    .await;
+    assert!(
+        matches!(reply, patchbay_bus::reply::InvokeReply::Ok { .. }),
+        "{name} kv-set {key}: {reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_reads_and_lists_only_its_own_keys_of_the_shared_state_bucket() {
+    // Two functions whose names share a prefix ("tenant" is a prefix of "tenant-x"), one
+    // declared bucket. Each key is stored under `<function>.`, so neither a key with dots
+    // nor a name that starts like another's reaches the other function's state.
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let _node = stack.spawn_runtime("node-1");
+    let flags = [
+        "--publish",
+        "cc.v1.tests.>",
+        "--config",
+        "out=cc.v1.tests.out",
+    ];
+    let _ = stack.deploy("misbehave", "tenant", &flags);
+    let _ = stack.deploy("misbehave", "tenant-x", &flags);
+
+    fixture_set(&admin, "tenant", "secret", "of tenant").await;
+    // An attempt to write into tenant-x's keys: stored as `tenant.tenant-x.secret`.
+    fixture_set(&admin, "tenant", "tenant-x.secret", "forged").await;
+    assert_eq!(fixture_get(&admin, "tenant-x", "secret").await, None);
+    assert_eq!(
+        fixture_keys(&admin, "tenant-x").await,
+        serde_json::json!([])
+    );
+    fixture_set(&admin, "tenant-x", "secret", "of tenant-x").await;
+
+    assert_eq!(
+        fixture_get(&admin, "tenant", "secret").await.as_deref(),
+        Some("of tenant")
+    );
+    assert_eq!(
+        fixture_get(&admin, "tenant-x", "secret").await.as_deref(),
+        Some("of tenant-x")
+    );
+    assert_eq!(
+        fixture_keys(&admin, "tenant").await,
+        serde_json::json!(["secret", "tenant-x.secret"])
+    );
+    assert_eq!(
+        fixture_keys(&admin, "tenant-x").await,
+        serde_json::json!(["secret"])
+    );
+    // The bucket really holds them under each function's name.
+    let state = admin
+        .jetstream()
+        .get_key_value(patchbay_registry::FUNCTION_STATE_BUCKET)
+        .await
+        .unwrap();
+    assert_eq!(
+        state.get("tenant-x.secret").await.unwrap().as_deref(),
+        Some(&b"of tenant-x"[..])
+    );
+    assert_eq!(
+        state
+            .get("tenant.tenant-x.secret")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"forged"[..])
+    );
+    // The CLI agrees.
+    let ls = stack
+        .cli(&["fn", "kv", "ls", "tenant-x", "--json"])
+        .success()
+        .json();
+    assert_eq!(ls, serde_json::json!(["secret"]));
+
+    // `fn rm --purge` takes the function's own keys, and nobody else's.
+    let _ = stack.cli(&["fn", "rm", "tenant", "--purge"]).success();
+    assert_eq!(state.get("tenant.secret").await.unwrap(), None);
+    assert_eq!(state.get("tenant.tenant-x.secret").await.unwrap(), None);
+    let gone = stack.cli(&["fn", "kv", "ls", "tenant"]).failure();
+    assert!(
+        gone.stderr().contains("function tenant is not deployed"),
+        "{gone:?}"
+    );
+    assert_eq!(
+        fixture_get(&admin, "tenant-x", "secret").await.as_deref(),
+        Some("of tenant-x")
     );
 }

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use patchbay_bus::hops::{HOPS_HEADER, HopChain};
 use patchbay_bus::{Bus, CloudEvent, RequestOptions};
 use patchbay_protocol::payload::{AgentMissed, AgentStateChanged, CallUpdate};
 use patchbay_tests::{
@@ -43,23 +44,40 @@ impl Agents {
         agents
     }
 
+    /// Like [`Agents::start`], with `extra_env` set too (e.g. `PATCHBAY_MAX_HOPS`).
+    async fn start_with_env(
+        stack: &Stack,
+        instance: &str,
+        engine_toml: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let agents = Self::spawn_with_env(stack, instance, engine_toml, extra_env);
+        wait_ready(&agents.admin, READY).await;
+        agents
+    }
+
     /// Start `patchbay-agents` without waiting for it to be ready.
     fn spawn(stack: &Stack, instance: &str, engine_toml: &str) -> Self {
+        Self::spawn_with_env(stack, instance, engine_toml, &[])
+    }
+
+    fn spawn_with_env(
+        stack: &Stack,
+        instance: &str,
+        engine_toml: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let config = stack.state_dir().join(format!("{instance}.toml"));
         std::fs::write(&config, engine_toml).unwrap();
         let admin = format!("127.0.0.1:{}", free_port());
-        let process = stack.spawn_binary(
-            "patchbay-agents",
-            "service/agents",
-            instance,
-            &[],
-            &[
-                ("PATCHBAY_AGENTS_CONFIG", config.to_str().unwrap()),
-                ("PATCHBAY_AGENTS_INSTANCE", instance),
-                ("PATCHBAY_ADMIN_LISTEN", admin.as_str()),
-                ("PATCHBAY_LOG", "info,patchbay_agents=debug"),
-            ],
-        );
+        let mut env = vec![
+            ("PATCHBAY_AGENTS_CONFIG", config.to_str().unwrap()),
+            ("PATCHBAY_AGENTS_INSTANCE", instance),
+            ("PATCHBAY_ADMIN_LISTEN", admin.as_str()),
+            ("PATCHBAY_LOG", "info,patchbay_agents=debug"),
+        ];
+        env.extend_from_slice(extra_env);
+        let process = stack.spawn_binary("patchbay-agents", "service/agents", instance, &[], &env);
         Self { process, admin }
     }
 
@@ -454,6 +472,91 @@ async fn malformed_input_is_dead_lettered_and_does_not_stop_the_next_good_one() 
     );
     // Each refused input is in the dead-letter stream with its reason.
     patchbay_tests::assert_dead_letters_with_reasons(&stack, "agents", 4);
+}
+
+/// Store `data` as a CloudEvent of `ty` on `subject`, carrying the hop chain `hops`.
+async fn publish_with_hops(
+    admin: &Bus,
+    subject: &str,
+    ty: &str,
+    data: &serde_json::Value,
+    hops: &[&str],
+) {
+    let event = CloudEvent::new("/test", ty).json(data).unwrap();
+    let mut headers = event.to_headers();
+    headers.insert(HOPS_HEADER, hops.join(",").as_str());
+    publish_raw_event(admin, subject, headers, event.data, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_carry_their_inputs_hop_chain_one_longer_and_an_input_at_the_limit_is_dead_lettered()
+ {
+    const MAX_HOPS: &str = "4";
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let agents =
+        Agents::start_with_env(&stack, "agents-1", "", &[("PATCHBAY_MAX_HOPS", MAX_HOPS)]).await;
+    let mut events = Events::subscribe(&admin).await;
+
+    // A log-in that has passed three handlers: what it decides carries four.
+    let profile = json!({ "skills": [], "queues": [{ "queue": "sales" }] });
+    publish_with_hops(
+        &admin,
+        "cc.v1.agents.a-1.cmd.state",
+        "cc.agent.command.v1",
+        &json!({ "agent_id": "a-1", "state": "available", "profile": profile }),
+        &["gateway/desk", "fn/enrich", "fn/audit"],
+    )
+    .await;
+    let seen = events.next("a-1", "state-changed").await;
+    assert_eq!(
+        HopChain::from_headers(Some(&seen.headers)).handlers(),
+        ["gateway/desk", "fn/enrich", "fn/audit", "service/agents"]
+    );
+    // A call routed without a chain: its outputs start one.
+    route(&admin, "c-1", "sales", None).await;
+    let (_, seen) = events.call("c-1", "offered").await;
+    assert_eq!(
+        HopChain::from_headers(Some(&seen.headers)).handlers(),
+        ["service/agents"]
+    );
+
+    // A hangup that has already passed four handlers is a loop: dead-lettered with the
+    // chain, never applied — the call stays offered instead of being abandoned.
+    publish_with_hops(
+        &admin,
+        "cc.v1.calls.c-1.hangup",
+        "cc.call.hangup.v1",
+        &json!({ "call_id": "c-1" }),
+        &["fn/loop"; 4],
+    )
+    .await;
+    agents
+        .wait_for_metric(r#"patchbay_agents_rejected_total{reason="hop-limit"}"#, 1.0)
+        .await;
+    wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    assert_eq!(
+        stored_count(&admin, "CC_CALLS", "cc.v1.calls.c-1.abandoned").await,
+        0,
+        "the looping hangup was applied"
+    );
+    let listed = stack
+        .cli(&["fn", "dlq", "ls", "agents", "--json"])
+        .success();
+    let letters = listed.json();
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let error = letters[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("hop limit of 4 exceeded")
+            && error.contains("fn/loop,fn/loop,fn/loop,fn/loop,service/agents"),
+        "{error}"
+    );
+    // The same call still goes on: an accept is applied, its events one hop long.
+    accept(&admin, "a-1", "c-1").await;
+    let (assigned, seen) = events.call("c-1", "assigned").await;
+    assert_eq!(assigned.agent.as_deref(), Some("a-1"));
+    assert_eq!(HopChain::from_headers(Some(&seen.headers)).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use patchbay_bus::reply::{InvokeReply, NODE_HEADER, VERSION_HEADER};
 use patchbay_bus::{Bus, CloudEvent};
-use patchbay_host::canary::{Route, choose};
-use patchbay_host::reply::{InvokeReply, NODE_HEADER, VERSION_HEADER};
+use patchbay_registry::canary::{Route, choose};
 use patchbay_tests::{
     Process, Stack, eventually, free_port, http_get, metric_value, wait_ready, wait_until_serving,
 };

@@ -19,11 +19,11 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use patchbay_bus::deadline::DEADLINE_HEADER;
 use patchbay_bus::event::STRUCTURED_CONTENT_TYPE;
+use patchbay_bus::reply::{ErrorKind, InvokeReply};
 use patchbay_bus::{
     Clock as _, CloudEvent, Deadline, EventError, ManualClock, RequestErrorKind, RequestOptions,
     SystemClock, trace,
 };
-use patchbay_host::reply::{ErrorKind, InvokeReply};
 use patchbay_telemetry::{TelemetryConfig, TelemetryGuard};
 use patchbay_tests::{Stack, next_message};
 use tracing::Instrument as _;

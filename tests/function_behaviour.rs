@@ -19,8 +19,8 @@ use base64::Engine as _;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
+use patchbay_bus::reply::{ErrorKind, FailureReply, InvokeReply};
 use patchbay_bus::{Bus, CloudEvent, RequestOptions, Token};
-use patchbay_host::reply::{ErrorKind, FailureReply, InvokeReply};
 use patchbay_tests::{Stack, eventually};
 
 /// Readiness bound for anything asynchronous (deliveries, retries, exports).
@@ -299,8 +299,8 @@ async fn kv_writes_are_visible_from_another_node_and_from_the_cli() {
     );
     let unknown = stack.cli(&["fn", "kv", "ls", "nobody"]).failure();
     assert!(
-        unknown.stderr().contains("patchbay-fn-nobody"),
-        "unclear error for a function without a bucket: {unknown:?}"
+        unknown.stderr().contains("function nobody is not deployed"),
+        "unclear error for a function that was never deployed: {unknown:?}"
     );
 
     // The function and the CLI agree on the key set, before and after a delete.
@@ -767,7 +767,7 @@ async fn refused_deploys_change_nothing() {
     std::fs::write(&junk, b"this is certainly not a component").unwrap();
     // One byte over the engine's 64 MiB limit; sparse, so it costs no disk.
     let huge = dir.path().join("huge.wasm");
-    let max = patchbay_host::EngineConfig::default().max_component_bytes as u64;
+    let max = patchbay_engine::EngineConfig::default().max_component_bytes as u64;
     std::fs::File::create(&huge)
         .unwrap()
         .set_len(max + 1)

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
+use patchbay_bus::reply::{InvokeReply, NODE_HEADER, VERSION_HEADER};
 use patchbay_bus::{Bus, CloudEvent};
-use patchbay_host::reply::{InvokeReply, NODE_HEADER, VERSION_HEADER};
 use patchbay_tests::{Process, Stack, eventually, wait_until_serving};
 
 const FUNCTION: &str = "misbehave";

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use patchbay_bus::reply::{ErrorKind, InvokeReply};
 use patchbay_bus::{CloudEvent, RequestOptions, Token};
-use patchbay_host::reply::{ErrorKind, InvokeReply};
 use patchbay_tests::{Stack, next_message};
 
 async fn invoke(
@@ -143,18 +143,12 @@ async fn deploys_the_access_policy_would_break_are_refused_naming_what_is_allowe
             assert!(stderr.contains(text), "{flags:?}: {text:?} not in {stderr}");
         }
         assert!(!stderr.contains("uploaded"), "{flags:?} uploaded: {stderr}");
-        assert!(
-            js.get_key_value(format!("patchbay-fn-{name}"))
-                .await
-                .is_err(),
-            "{flags:?} left a bucket behind"
-        );
     }
     // Nothing was stored: no function, no artifact.
     let ls = stack.cli(&["fn", "ls", "--json"]).success().json();
     assert_eq!(ls, serde_json::json!([]));
     let bytes = std::fs::read(patchbay_tests::component("misbehave")).unwrap();
-    let digest = patchbay_host::registry::digest(&bytes);
+    let digest = patchbay_registry::digest(&bytes);
     let artifacts = js.get_object_store("patchbay-artifacts").await.unwrap();
     assert!(
         artifacts.info(&digest).await.is_err(),
@@ -187,15 +181,12 @@ async fn deploys_the_access_policy_would_break_are_refused_naming_what_is_allowe
     assert!(artifacts.info(&digest).await.is_ok());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trigger_the_server_refuses_the_node_is_reported_failed_not_served() {
-    // A stale stored policy (say, deploy/access.toml widened but the server config not
-    // re-rendered) lets `fn deploy` accept a subject the node may not subscribe to. The
-    // server refuses the subscription; the node reports the function failed, and the deploy
-    // says so instead of "serving on node-1".
-    use patchbay_cli::admission::{ACCESS_BUCKET, RULES_KEY, StoredRules};
-    let stack = Stack::start().await;
-    let admin = stack.admin().await;
+/// Make the access policy stored at bootstrap (what `fn deploy` checks triggers against)
+/// let runtime nodes subscribe to `pattern` too, while the server's own configuration,
+/// rendered from the policy at `patchbay up`, still refuses it: a stale stored policy,
+/// say `deploy/access.toml` widened but the server config not re-rendered.
+async fn widen_stored_runtime_subscribe(admin: &patchbay_bus::Bus, pattern: &str) {
+    use patchbay_control::admission::{ACCESS_BUCKET, RULES_KEY, StoredRules};
     let store = admin
         .jetstream()
         .get_key_value(ACCESS_BUCKET)
@@ -208,12 +199,24 @@ async fn a_trigger_the_server_refuses_the_node_is_reported_failed_not_served() {
         .get_mut("runtime")
         .unwrap()
         .subscribe
-        .push("crm.v1.>".to_owned());
+        .push(pattern.to_owned());
     store
         .put(RULES_KEY, serde_json::to_vec(&rules).unwrap().into())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_the_server_refuses_is_reported_failed_with_the_reason_by_deploy_ls_and_describe()
+{
+    // `fn deploy` accepts a subject the node may not subscribe to (the stored policy is
+    // stale); the server refuses the subscription. The node reports the function failed,
+    // and every view of it says so instead of "serving on node-1".
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    widen_stored_runtime_subscribe(&admin, "crm.v1.>").await;
     let _node = stack.spawn_runtime("node-1");
+    let _ = stack.deploy("misbehave", "working", patchbay_tests::MISBEHAVE_ON_SUBJECT);
 
     let path = patchbay_tests::component("misbehave");
     let out = stack
@@ -235,10 +238,76 @@ async fn a_trigger_the_server_refuses_the_node_is_reported_failed_not_served() {
         "{}",
         out.stderr()
     );
-    assert!(
-        stderr.contains("permissions violation for subscription to \"crm.v1.in\""),
-        "{}",
-        out.stderr()
-    );
+    let refusal = "permissions violation for subscription to \"crm.v1.in\"";
+    assert!(stderr.contains(refusal), "{}", out.stderr());
     assert!(!out.stdout().contains("serving on"), "{}", out.stdout());
+
+    // `fn ls`: the node's state per function, the reason in the JSON.
+    let ls = stack.cli(&["fn", "ls", "--json"]).success().json();
+    let row = |name: &str| {
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {ls:#}"))
+            .clone()
+    };
+    let refused = row("refused-sub");
+    assert_eq!(refused["nodes"].as_array().unwrap().len(), 1, "{refused:#}");
+    let on_node = &refused["nodes"][0];
+    assert_eq!(on_node["node"], "node-1", "{refused:#}");
+    assert_eq!(on_node["state"], "failed", "{refused:#}");
+    assert_eq!(on_node["trigger"], "subject:crm.v1.in", "{refused:#}");
+    let reason = on_node["reason"].as_str().unwrap().to_lowercase();
+    assert!(reason.contains(refusal), "{refused:#}");
+    let working = row("working");
+    assert_eq!(working["nodes"][0]["node"], "node-1", "{working:#}");
+    assert_eq!(working["nodes"][0]["state"], "serving", "{working:#}");
+    assert!(working["nodes"][0]["reason"].is_null(), "{working:#}");
+
+    let table = stack.cli(&["fn", "ls"]).success().stdout();
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{table}"))
+            .to_owned()
+    };
+    assert!(table.lines().next().unwrap().contains("NODES"), "{table}");
+    assert!(line("refused-sub").contains("node-1 FAILED"), "{table}");
+    let working_line = line("working");
+    assert!(
+        working_line.contains("node-1") && !working_line.contains("FAILED"),
+        "{table}"
+    );
+
+    // `fn describe`: which node, which trigger, and the server's reason.
+    let described = stack
+        .cli(&["fn", "describe", "refused-sub"])
+        .success()
+        .stdout();
+    let node_line = described
+        .lines()
+        .find(|l| l.contains("node-1"))
+        .unwrap_or_else(|| panic!("node-1 missing from\n{described}"));
+    assert!(
+        node_line.contains("FAILED  trigger subject:crm.v1.in: "),
+        "{described}"
+    );
+    assert!(node_line.to_lowercase().contains(refusal), "{described}");
+    let described = stack
+        .cli(&["fn", "describe", "refused-sub", "--json"])
+        .success()
+        .json();
+    assert_eq!(described["nodes"][0]["state"], "failed", "{described:#}");
+    assert!(
+        described["nodes"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains(refusal),
+        "{described:#}"
+    );
+    let described = stack.cli(&["fn", "describe", "working"]).success().stdout();
+    assert!(described.contains("node-1  v1  serving"), "{described}");
 }

@@ -1150,6 +1150,120 @@ async fn a_subject_the_gateways_bus_identity_may_not_publish_is_403_not_a_timeou
     assert_eq!(body["type"], "https://patchbay.dev/problems/bus-permission");
 }
 
+/// A binary-mode event with a fresh id, posted by `request`.
+async fn send_event(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request
+        .header("ce-specversion", "1.0")
+        .header("ce-id", uuid::Uuid::new_v4().to_string())
+        .header("ce-source", "/t")
+        .header("ce-type", "t")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_publish_outside_the_gateways_bus_grants_is_403_and_reaches_nobody() {
+    // Core subjects (no stream stores them) that the gateway's identity may not publish:
+    // NATS drops such a publish without a word, so only the gateway's own check can say so.
+    let s = setup().await;
+    let admin = s.stack.admin().await;
+    let mut refused = admin.client().subscribe("elsewhere.>").await.unwrap();
+    let mut status = admin
+        .client()
+        .subscribe("patchbay.v1.runtime.status")
+        .await
+        .unwrap();
+    let mut granted = admin
+        .client()
+        .subscribe("cc.v1.tests.granted")
+        .await
+        .unwrap();
+    admin.client().flush().await.unwrap();
+
+    for (path, subject) in [
+        ("/v1/events/elsewhere.v1.x", "elsewhere.v1.x"),
+        (
+            "/v1/events/patchbay.v1.runtime.status",
+            "patchbay.v1.runtime.status",
+        ),
+        ("/v1/request/elsewhere.v1.x", "elsewhere.v1.x"),
+    ] {
+        let started = std::time::Instant::now();
+        let response = send_event(s.post(path).header("request-timeout", "25000")).await;
+        let body = problem(response, StatusCode::FORBIDDEN).await;
+        assert_eq!(
+            body["type"], "https://patchbay.dev/problems/bus-permission",
+            "{path}: {body}"
+        );
+        // Which permission is missing: what the identity may publish, and that this is not
+        // the subject.
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(r#"group "gateway""#) && detail.contains("cc.v1.>"),
+            "{path}: {detail}"
+        );
+        assert!(
+            detail.contains(&format!("{subject:?} is not covered")),
+            "{path}: {detail}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(20), "{path} waited");
+    }
+
+    // A granted core subject still goes through, and is delivered: the check refuses
+    // exactly what NATS would.
+    let response = send_event(s.post("/v1/events/cc.v1.tests.granted")).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    next_message(&mut granted, Duration::from_secs(5), "the granted event").await;
+    // Nothing of the refused ones reached a subscriber.
+    for sub in [&mut refused, &mut status] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), sub.next())
+                .await
+                .is_err(),
+            "a refused publish was delivered"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_access_policy_stored_by_bootstrap_applies_to_a_running_gateway() {
+    let s = setup().await;
+    let ok = send_event(s.post("/v1/events/cc.v1.tests.narrowed")).await;
+    assert_eq!(ok.status(), StatusCode::ACCEPTED);
+
+    // The admin stores rules in which the gateway may publish less (what a bootstrap with
+    // a narrower deploy/access.toml stores): the running gateway follows them.
+    let admin = s.stack.admin().await;
+    let store = admin
+        .jetstream()
+        .get_key_value("patchbay-access")
+        .await
+        .unwrap();
+    let mut rules: Value =
+        serde_json::from_slice(&store.get("host-rules").await.unwrap().unwrap()).unwrap();
+    let publish = rules["hosts"]["gateway"]["publish"].as_array_mut().unwrap();
+    publish.retain(|p| p != "cc.v1.>");
+    store
+        .put("host-rules", serde_json::to_vec(&rules).unwrap().into())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the gateway to refuse what the new rules refuse",
+        || async {
+            let response = send_event(s.post("/v1/events/cc.v1.tests.narrowed")).await;
+            (response.status() == StatusCode::FORBIDDEN).then_some(())
+        },
+    )
+    .await;
+    // Subjects it still holds are unaffected.
+    let response = send_event(s.post("/v1/events/cc.v1.calls.c-1.hangup")).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_attributes_are_refused_as_the_callers_mistake_never_503() {
     let s = setup().await;

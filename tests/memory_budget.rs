@@ -4,6 +4,10 @@
 //! the node goes on serving. Refused deploys: `--memory` outside 1..=512 MiB (including a
 //! value whose byte count overflows).
 //!
+//! The gateway's HTTP functions reserve from a budget of their own the same way: what
+//! cannot start within half its deadline is answered 503 and counted, and a version that
+//! can never fit is not served.
+//!
 //! Uses the `misbehave` fixture (tests/components/misbehave/README.md): `oom` allocates
 //! until its memory limit stops it; `request` sends a bus request and waits for the
 //! answer, which the test holds back so that an instance keeps its reservation exactly as
@@ -15,8 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt as _;
+use patchbay_bus::reply::{ErrorKind, InvokeReply};
 use patchbay_bus::{Bus, CloudEvent, Deadline, RequestOptions, SystemClock, Token};
-use patchbay_host::reply::{ErrorKind, InvokeReply};
+use patchbay_tests::gateway::http_client;
 use patchbay_tests::{
     Stack, component, eventually, free_port, http_get, metric_value, next_message, wait_ready,
 };
@@ -304,4 +311,151 @@ async fn deploy_refuses_memory_outside_what_an_instance_may_have() {
     // Nothing was registered.
     let listed = stack.cli(&["fn", "ls", "--json"]).success();
     assert!(!listed.stdout().contains("greedy"), "{}", listed.stdout());
+}
+
+/// The value of the first `family` series whose labels include every one of `labels`
+/// (whatever other labels the process adds), 0 when there is none.
+fn series_value(body: &str, family: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_functions_reserve_from_the_gateway_memory_budget_and_what_cannot_start_is_shed_with_503()
+ {
+    let stack = Stack::start().await;
+    // One 64 MiB instance fits, two do not.
+    let gateway = stack
+        .spawn_gateway_with_env(&[], "http", &[("PATCHBAY_MEMORY_BUDGET", "100MiB")])
+        .await;
+    let token = stack.token("admin", &["admin"], &[]);
+    let client = http_client(None);
+    let url = |path: &str| format!("{}{path}", gateway.url);
+    let echo = component("http-echo");
+    let deploy = |memory: &str| {
+        let _ = stack
+            .cli(&[
+                "fn",
+                "deploy",
+                echo.to_str().unwrap(),
+                "--name",
+                "big",
+                "--trigger",
+                "http:/big/...",
+                "--memory",
+                memory,
+                "--timeout",
+                "60s",
+            ])
+            .success();
+    };
+    let hello = |timeout_ms: u64| {
+        client
+            .get(url("/big/hello"))
+            .bearer_auth(&token)
+            .header("request-timeout", timeout_ms.to_string())
+            .send()
+    };
+    deploy("64");
+    eventually(PATIENCE, "the gateway serves the HTTP function", || async {
+        (hello(5_000).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+
+    // 1. A streaming echo holds its instance (and its 64 MiB) while the test keeps the
+    //    request body open.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let body = reqwest::Body::wrap_stream(futures::stream::poll_fn({
+        let mut rx = rx;
+        move |cx| rx.poll_recv(cx)
+    }));
+    let held = client
+        .post(url("/big/stream"))
+        .bearer_auth(&token)
+        .header("request-timeout", "30000")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let mut echoed = held.bytes_stream();
+    tx.send(Ok(Bytes::from_static(b"ping"))).await.unwrap();
+    let first = tokio::time::timeout(PATIENCE, echoed.next())
+        .await
+        .expect("the echo of the first chunk")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, "ping");
+
+    // 2. Meanwhile another request cannot start: it waits half its 1 s deadline, then is
+    //    shed with 503 and counted — never left hanging, never run over the budget.
+    let started = std::time::Instant::now();
+    let shed = hello(1_000).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    assert_eq!(shed.headers()["content-type"], "application/problem+json");
+    let problem: serde_json::Value = shed.json().await.unwrap();
+    assert!(
+        problem["type"].as_str().unwrap().ends_with("/overloaded")
+            && problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("memory budget"),
+        "{problem}"
+    );
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(5),
+        "waited {waited:?}"
+    );
+    let body = metrics(&gateway.admin).await;
+    assert_eq!(
+        series_value(
+            &body,
+            "patchbay_fn_shed_total",
+            &[r#"function="big""#, r#"reason="memory""#]
+        ),
+        1.0,
+        "{body}"
+    );
+
+    // 3. The held request ends: its memory comes back and the next request runs.
+    drop(tx);
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, echoed.next())
+        .await
+        .expect("the held response to end")
+    {
+        chunk.unwrap();
+    }
+    eventually(
+        PATIENCE,
+        "a request to run once the memory is back",
+        || async { (hello(1_000).await.ok()?.status() == 200).then_some(()) },
+    )
+    .await;
+
+    // 4. A version whose one instance exceeds the whole budget is not served; the one
+    //    before it goes on serving.
+    deploy("128");
+    eventually(PATIENCE, "the gateway to refuse the version", || async {
+        gateway
+            .process
+            .log()
+            .contains("exceeds this gateway's whole memory budget")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(hello(5_000).await.unwrap().status(), 200);
+    assert_eq!(
+        series_value(
+            &metrics(&gateway.admin).await,
+            "patchbay_fn_shed_total",
+            &[r#"function="big""#, r#"reason="memory""#]
+        ),
+        1.0,
+        "only the request that found no memory was shed"
+    );
 }

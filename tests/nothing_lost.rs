@@ -354,3 +354,124 @@ async fn a_function_whose_output_triggers_itself_stops_at_the_hop_limit() {
     assert!(more.is_err(), "the loop went on past the hop limit");
     assert!(node.log().contains("hop limit"), "{}", node.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_an_http_function_continues_its_hop_chain_and_is_refused_at_the_limit() {
+    let stack = Stack::start().await;
+    let gateway = stack
+        .spawn_gateway_with_env(&[], "http", &[("PATCHBAY_MAX_HOPS", "3")])
+        .await;
+    let token = stack.token("admin", &["admin"], &[]);
+    let client = patchbay_tests::gateway::http_client(None);
+    let echo = patchbay_tests::component("http-echo");
+    let _ = stack
+        .cli(&[
+            "fn",
+            "deploy",
+            echo.to_str().unwrap(),
+            "--name",
+            "hello",
+            "--trigger",
+            "http:/hello",
+        ])
+        .success();
+    let get = |hops: Option<&str>| {
+        let mut request = client
+            .get(format!("{}/hello", gateway.url))
+            .bearer_auth(&token);
+        if let Some(hops) = hops {
+            request = request.header(patchbay_bus::hops::HOPS_HEADER, hops);
+        }
+        request.send()
+    };
+    eventually(READY, "the gateway serves the HTTP function", || async {
+        (get(None).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+
+    // Two handlers before it: the function is the third, within the limit of three.
+    let within = get(Some("gateway/desk,fn/enrich")).await.unwrap();
+    assert_eq!(within.status(), 200);
+    // Three before it: the fourth is a loop, refused before the function runs.
+    let refused = get(Some("fn/a,fn/b,fn/a")).await.unwrap();
+    assert_eq!(refused.status(), 508);
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["status"], 508, "{problem}");
+    assert!(
+        problem["type"].as_str().unwrap().ends_with("/hop-limit"),
+        "{problem}"
+    );
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("hop limit of 3 exceeded") && detail.contains("fn/a,fn/b,fn/a,fn/hello"),
+        "{detail}"
+    );
+    let (_, metrics) = patchbay_tests::http_get(&gateway.admin, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("patchbay_gateway_refused_total{")
+                && l.contains(r#"reason="hop-limit""#)
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // And the gateway goes on serving.
+    assert_eq!(get(None).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_through_the_gateway_carries_its_hop_chain_on_and_is_refused_at_the_limit() {
+    let stack = Stack::start().await;
+    let gateway = stack
+        .spawn_gateway_with_env(&[], "http", &[("PATCHBAY_MAX_HOPS", "3")])
+        .await;
+    let token = stack.token("admin", &["admin"], &[]);
+    let client = patchbay_tests::gateway::http_client(None);
+    let admin = stack.admin().await;
+    let mut seen = admin.client().subscribe("cc.v1.tests.hops").await.unwrap();
+    let post = |hops: &'static str| {
+        client
+            .post(format!("{}/v1/events/cc.v1.tests.hops", gateway.url))
+            .bearer_auth(&token)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("hops-{}", hops.len()))
+            .header("ce-source", "/webhook")
+            .header("ce-type", "test.hops.v1")
+            .header(patchbay_bus::hops::HOPS_HEADER, hops)
+            .body("{}")
+            .send()
+    };
+
+    // A webhook that a function called: its chain goes on, one longer, onto the bus.
+    assert_eq!(post("fn/a").await.unwrap().status(), 202);
+    let message = tokio::time::timeout(READY, futures::StreamExt::next(&mut seen))
+        .await
+        .unwrap()
+        .unwrap();
+    let chain = patchbay_bus::hops::HopChain::from_headers(message.headers.as_ref());
+    assert_eq!(chain.handlers(), ["fn/a", "gateway"]);
+
+    // At the limit: refused before anything is published.
+    let refused = post("fn/a,fn/b,fn/a").await.unwrap();
+    assert_eq!(refused.status(), 508);
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("fn/a,fn/b,fn/a,gateway"),
+        "{problem}"
+    );
+    let nothing = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut seen),
+    )
+    .await;
+    assert!(nothing.is_err(), "a refused event reached the bus");
+}

@@ -320,7 +320,7 @@ async fn an_ordered_trigger_keeps_its_source_across_bootstrap_dead_letters_and_m
 
     // Bootstrapping again (as `patchbay up` does) keeps the source `fn deploy` added, and
     // so does deploying the same thing again.
-    patchbay_cli::local::bootstrap(&admin, &stack.prepared.deploy_dir)
+    patchbay_control::local::bootstrap(&admin, &stack.prepared.deploy_dir)
         .await
         .unwrap();
     assert_eq!(
@@ -351,7 +351,7 @@ async fn an_ordered_trigger_keeps_its_source_across_bootstrap_dead_letters_and_m
     let dead = stored(&admin, "PATCHBAY_DLQ", "patchbay.v1.dlq.>").await;
     assert_eq!(dead.len(), 1);
     assert_eq!(
-        header(&dead[0].0, patchbay_host::dlq::SUBJECT),
+        header(&dead[0].0, patchbay_bus::dlq::SUBJECT),
         "cc.v1.recordings.call-life.completed"
     );
     let handled = stored(&admin, "CC_CALLS", OUT).await;

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use patchbay_bus::discovery::{self, InfoResponse, StatsResponse, Verb};
+use patchbay_bus::reply::InvokeReply;
 use patchbay_bus::{Bus, CloudEvent, RequestOptions, Token};
-use patchbay_host::reply::InvokeReply;
 use patchbay_tests::{Stack, eventually, repo_root};
 use serde_json::Value;
 
@@ -246,5 +246,139 @@ async fn srv_info_and_status_list_the_running_components_functions_and_invocatio
             .iter()
             .all(|c| c["name"] != "patchbay-routing"),
         "{after:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_whose_trigger_the_server_refuses_is_failed_in_srv_and_status_not_served() {
+    // The access policy stored at bootstrap (what `fn deploy` checks against) lets runtime
+    // nodes subscribe to `crm.v1.>`; the server's configuration, rendered at `patchbay up`,
+    // does not. So the deploy is accepted, node-1 loads the function, the server refuses
+    // its trigger's subscription — and discovery must not report it as served.
+    use patchbay_control::admission::{ACCESS_BUCKET, RULES_KEY, StoredRules};
+    let stack = Stack::start().await;
+    let admin = stack.admin().await;
+    let store = admin
+        .jetstream()
+        .get_key_value(ACCESS_BUCKET)
+        .await
+        .unwrap();
+    let mut rules: StoredRules =
+        serde_json::from_slice(&store.get(RULES_KEY).await.unwrap().unwrap()).unwrap();
+    let runtime = rules.hosts.get_mut("runtime").unwrap();
+    runtime.subscribe.push("crm.v1.>".to_owned());
+    store
+        .put(RULES_KEY, serde_json::to_vec(&rules).unwrap().into())
+        .await
+        .unwrap();
+    let _node = stack.spawn_runtime("node-1");
+    let _ = stack.deploy(
+        "echo",
+        "echo",
+        &[
+            "--config",
+            "out=cc.v1.tests.echoed",
+            "--publish",
+            "cc.v1.tests.>",
+        ],
+    );
+    let refused = stack
+        .cli(&[
+            "fn",
+            "deploy",
+            patchbay_tests::component("misbehave").to_str().unwrap(),
+            "--name",
+            "crm-in",
+            "--trigger",
+            "subject:crm.v1.in",
+            "--wait",
+            "20s",
+        ])
+        .failure();
+    let refusal = "permissions violation for subscription to \"crm.v1.in\"";
+    assert!(
+        refused.stderr().to_lowercase().contains(refusal),
+        "{refused:?}"
+    );
+
+    // On the wire: the node's endpoint for the function carries the reason, in INFO
+    // metadata and as the STATS `last_error`; the working function's does not.
+    let node_info = eventually(
+        LIMIT,
+        "node-1 reports crm-in failed in $SRV.INFO",
+        || async {
+            infos(&admin).await.into_iter().find(|i| {
+                i.name == "patchbay-runtime"
+                    && i.endpoints
+                        .iter()
+                        .any(|e| e.name == "crm-in" && e.failed().is_some())
+            })
+        },
+    )
+    .await;
+    let endpoint = |name: &str| {
+        node_info
+            .endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no endpoint {name}: {node_info:#?}"))
+    };
+    let why = endpoint("crm-in").metadata[discovery::FAILED].clone();
+    assert!(why.to_lowercase().contains(refusal), "{why}");
+    assert_eq!(endpoint("crm-in").metadata["trigger"], "subject:crm.v1.in");
+    assert_eq!(endpoint("echo").failed(), None, "{node_info:#?}");
+    let stats: Vec<StatsResponse> = discovery::gather(
+        &admin,
+        &Verb::Stats.subject(Some("patchbay-runtime")),
+        WINDOW,
+    )
+    .await
+    .unwrap();
+    let last_errors: Vec<(&str, &str)> = stats[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.name.as_str(), e.last_error.as_str()))
+        .collect();
+    assert!(
+        last_errors.contains(&("crm-in", why.as_str())),
+        "{last_errors:?}"
+    );
+    assert!(last_errors.contains(&("echo", "")), "{last_errors:?}");
+
+    // `patchbay status --json`: counted, flagged, the reason per component, node degraded.
+    let now = status(&stack);
+    assert_eq!(now["failed_functions"], 1, "{now:#}");
+    let crm = function(&now, "crm-in");
+    assert_eq!(crm["failed"], true, "{crm:#}");
+    assert_eq!(served_by(crm), ["runtime/node-1"], "{crm:#}");
+    assert_eq!(crm["served_by"][0]["failed"], why.as_str(), "{crm:#}");
+    let echo = function(&now, "echo");
+    assert_eq!(echo["failed"], false, "{echo:#}");
+    assert!(echo["served_by"][0]["failed"].is_null(), "{echo:#}");
+    let node = now["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == "runtime/node-1")
+        .unwrap();
+    assert_eq!(node["health"], "degraded", "{node:#}");
+
+    // The table flags it and names the node, the trigger and the reason.
+    let table = stack
+        .cli(&["status", "--interval", "0s", "--timeout", "500ms"])
+        .success()
+        .stdout();
+    let crm_line = table
+        .lines()
+        .find(|l| l.starts_with("crm-in "))
+        .unwrap_or_else(|| panic!("no crm-in row in\n{table}"));
+    assert!(crm_line.contains("runtime/node-1 FAILED"), "{table}");
+    assert!(table.contains("degraded"), "{table}");
+    assert!(table.contains("1 function failed"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "crm-in on runtime/node-1 (trigger subject:crm.v1.in): {why}"
+        )),
+        "{table}"
     );
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use patchbay_bus::{BusConfig, ConnectError, ConnectErrorKind};
-use patchbay_cli::certs::{CertAuthority, DEFAULT_TRUST_DOMAIN, Validity};
+use patchbay_control::certs::{CertAuthority, DEFAULT_TRUST_DOMAIN, Validity};
 use patchbay_tests::{Process, Stack, identity, nats_server};
 use time::OffsetDateTime;
 
@@ -219,7 +219,7 @@ async fn refuses_an_identity_the_access_policy_does_not_know() {
 }
 
 /// A nats-server without TLS, on a free port; returns the process (killed on drop) and
-/// its port, read from the ports file as `patchbay_cli::local` does.
+/// its port, read from the ports file as `patchbay_control::local` does.
 async fn plain_nats_server(dir: &Path) -> (Process, u16) {
     let ports_dir = dir.join("run");
     std::fs::create_dir_all(&ports_dir).unwrap();

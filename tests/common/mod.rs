@@ -17,8 +17,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use patchbay_bus::{Bus, BusConfig};
-use patchbay_cli::certs::Identity;
-use patchbay_cli::local::{self, NatsPlan, NatsProcess, PreparedNats, StateDir};
+use patchbay_control::certs::Identity;
+use patchbay_control::local::{self, NatsPlan, NatsProcess, PreparedNats, StateDir};
 
 /// The repository root.
 #[must_use]
@@ -109,6 +109,7 @@ pub struct Stack {
     pub nats: NatsProcess,
     pub prepared: PreparedNats,
     dir: tempfile::TempDir,
+    http_port: Option<u16>,
 }
 
 impl Stack {
@@ -120,12 +121,29 @@ impl Stack {
 
     /// Start with extra identities too (e.g. `runtime/node-3`).
     pub async fn start_with(extra: &[&str]) -> Self {
+        Self::start_planned(extra, None).await
+    }
+
+    /// Start with nats-server's monitoring endpoint on a free port (see
+    /// [`Stack::monitoring`]), e.g. to read `/connz`.
+    pub async fn start_monitored() -> Self {
+        Self::start_planned(&[], Some(free_port())).await
+    }
+
+    /// `127.0.0.1:<port>` of the monitoring endpoint ([`Stack::start_monitored`]).
+    #[must_use]
+    pub fn monitoring(&self) -> String {
+        let port = self.http_port.expect("started with Stack::start_monitored");
+        format!("127.0.0.1:{port}")
+    }
+
+    async fn start_planned(extra: &[&str], http_port: Option<u16>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let plan = NatsPlan {
             state: StateDir(dir.path().to_owned()),
             deploy_dir: repo_root().join("deploy"),
             port: 0,
-            http_port: None,
+            http_port,
             extra_identities: extra.iter().map(|i| identity(i)).collect(),
             subject_prefix: String::new(),
         };
@@ -135,6 +153,7 @@ impl Stack {
             nats,
             prepared,
             dir,
+            http_port,
         };
         let admin = stack.admin().await;
         local::bootstrap(&admin, &stack.prepared.deploy_dir)

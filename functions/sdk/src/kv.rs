@@ -1,5 +1,6 @@
-//! The function's own key-value bucket (`patchbay-fn-<name>`), shared by all its
-//! versions and runtime nodes. Keys are NATS subject tokens: letters, digits and `-_=.`,
+//! The function's own key-value state (its keys in the platform's `patchbay-fn-state`
+//! bucket, which no other function can reach), shared by all its versions and runtime
+//! nodes. Keys are NATS subject tokens: letters, digits and `-_=.`,
 //! no leading or trailing dot — see [`key_token`] to make one from arbitrary text.
 
 use serde::Serialize;

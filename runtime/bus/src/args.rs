@@ -38,7 +38,32 @@ pub struct BusArgs {
     pub cert_reload_interval: std::time::Duration,
 }
 
+/// Why [`BusArgs::service_config`] could not build a service's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceConfigError {
+    /// `--subject-prefix` is not a valid prefix.
+    #[error("invalid subject prefix")]
+    Prefix(#[from] SubjectError),
+    /// The bus metrics could not be registered.
+    #[error("failed to register bus metrics")]
+    Metrics(#[from] patchbay_telemetry::TelemetryError),
+}
+
 impl BusArgs {
+    /// A service's connection: named `<binary>/<instance>` (what the server's connection
+    /// list and the CloudEvents `source` show), its bus metrics registered in `metrics`.
+    /// What every service's entry point starts with.
+    pub fn service_config(
+        &self,
+        binary: &str,
+        instance: &str,
+        metrics: &patchbay_telemetry::Metrics,
+    ) -> Result<BusConfig, ServiceConfigError> {
+        Ok(self
+            .config(format!("{binary}/{instance}"))?
+            .metrics(crate::trace::BusMetrics::register(metrics)?))
+    }
+
     /// The connection configuration, named `name`.
     pub fn config(&self, name: impl Into<String>) -> Result<BusConfig, SubjectError> {
         let mut config = BusConfig::new("", &self.ca, &self.cert, &self.key)

@@ -14,6 +14,11 @@
 //! builds INFO and STATS, at the moment they are asked, from a [`Report`] of the
 //! component's own counters. The wire shapes are the protocol's, unchanged.
 //!
+//! An endpoint that does not work — a runtime node's function whose trigger subscription
+//! the server refused — still answers, with metadata [`FAILED`] giving the reason and the
+//! same text as the STATS `last_error`: a key in the map the protocol already has, so the
+//! wire shapes stay the protocol's and a reader that does not know the key just shows it.
+//!
 //! Not here: what a component counts (each one's `discovery` module or adapter) and the
 //! gathering side (`patchbay status` in the CLI, which uses [`gather`]).
 
@@ -21,6 +26,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use prometheus::core::Collector as _;
+use prometheus::{HistogramVec, IntCounterVec};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::task::JoinHandle;
 
@@ -34,6 +41,10 @@ pub const PING_RESPONSE: &str = "io.nats.micro.v1.ping_response";
 pub const INFO_RESPONSE: &str = "io.nats.micro.v1.info_response";
 /// `type` of a STATS response.
 pub const STATS_RESPONSE: &str = "io.nats.micro.v1.stats_response";
+
+/// Endpoint metadata key: why the endpoint does not work (e.g. the server refused the
+/// subscription its work arrives on); absent while it works.
+pub const FAILED: &str = "failed";
 
 /// The verbs of the protocol answered here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +126,7 @@ pub struct EndpointReport {
     /// The queue group or durable consumer sharing the work, if any.
     pub queue_group: String,
     /// Fixed facts about the endpoint; function endpoints carry `function`, `version`
-    /// and `trigger`.
+    /// and `trigger`, and [`FAILED`] when the endpoint does not work.
     pub metadata: BTreeMap<String, String>,
     /// Work items handled since the process started.
     pub requests: u64,
@@ -234,6 +245,23 @@ pub struct EndpointInfo {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl EndpointInfo {
+    /// Why the endpoint does not work ([`FAILED`]), none while it works.
+    #[must_use]
+    pub fn failed(&self) -> Option<&str> {
+        failure(&self.metadata)
+    }
+}
+
+/// The [`FAILED`] entry of endpoint metadata; an empty one counts as none.
+#[must_use]
+pub fn failure(metadata: &BTreeMap<String, String>) -> Option<&str> {
+    metadata
+        .get(FAILED)
+        .map(String::as_str)
+        .filter(|why| !why.is_empty())
+}
+
 /// `STATS` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsResponse {
@@ -278,7 +306,8 @@ pub struct EndpointStats {
     /// Average processing time, nanoseconds.
     #[serde(default)]
     pub average_processing_time: u64,
-    /// The last error, empty when none is known.
+    /// The last error, empty when none is known; why the endpoint does not work, when it
+    /// does not ([`FAILED`]).
     #[serde(default, deserialize_with = "null_as_default")]
     pub last_error: String,
     /// Component-specific details.
@@ -373,6 +402,7 @@ impl<R: Report> Responder<R> {
 
 fn endpoint_stats(e: EndpointReport) -> EndpointStats {
     let total = u64::try_from(e.processing_time.as_nanos()).unwrap_or(u64::MAX);
+    let last_error = failure(&e.metadata).unwrap_or_default().to_owned();
     EndpointStats {
         name: e.name,
         subject: e.subject,
@@ -381,7 +411,7 @@ fn endpoint_stats(e: EndpointReport) -> EndpointStats {
         num_errors: e.errors,
         processing_time: total,
         average_processing_time: total.checked_div(e.requests).unwrap_or(0),
-        last_error: String::new(),
+        last_error,
         data: e.data,
     }
 }
@@ -531,6 +561,56 @@ pub struct GatherError {
     pub reason: String,
 }
 
+// ---------------------------------------------------------------------------------------
+// Reading a component's own metrics into endpoint stats (runtime nodes, the gateway).
+
+/// Labels of one metric child.
+pub type Labels = BTreeMap<String, String>;
+
+/// Every child of a counter vector with its labels and value.
+#[must_use]
+pub fn counter_children(vec: &IntCounterVec) -> Vec<(Labels, u64)> {
+    vec.collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| {
+            // Counters are integers kept as f64 by the exposition model.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let value = m.get_counter().get_value().max(0.0) as u64;
+            (labels(m), value)
+        })
+        .collect()
+}
+
+/// Every child of a histogram vector with its labels and sum of observations, in seconds.
+#[must_use]
+pub fn histogram_sums(vec: &HistogramVec) -> Vec<(Labels, f64)> {
+    vec.collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| (labels(m), m.get_histogram().get_sample_sum()))
+        .collect()
+}
+
+fn labels(m: &prometheus::proto::Metric) -> Labels {
+    m.get_label()
+        .iter()
+        .map(|l| (l.name().to_owned(), l.value().to_owned()))
+        .collect()
+}
+
+/// Whether a child's `label` is `value`.
+#[must_use]
+pub fn has(labels: &Labels, label: &str, value: &str) -> bool {
+    labels.get(label).is_some_and(|v| v == value)
+}
+
+/// Seconds as a duration, clamping what a histogram sum cannot mean (negative, NaN).
+#[must_use]
+pub fn seconds(total: f64) -> Duration {
+    Duration::try_from_secs_f64(total).unwrap_or_default()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -553,6 +633,71 @@ mod tests {
         assert_eq!(json["average_processing_time"], 2_000_000);
         assert_eq!(json["last_error"], "");
         assert!(json.get("data").is_none());
+    }
+
+    fn responder(report: impl Report) -> Responder<impl Report> {
+        Responder {
+            name: "patchbay-runtime".into(),
+            id: "1".into(),
+            version: "0.1.0".into(),
+            description: String::new(),
+            metadata: BTreeMap::new(),
+            started: "2026-01-01T00:00:00Z".into(),
+            report,
+        }
+    }
+
+    fn endpoint(name: &str, failed: Option<&str>) -> EndpointReport {
+        let mut metadata = BTreeMap::from([("function".to_owned(), name.to_owned())]);
+        if let Some(why) = failed {
+            metadata.insert(FAILED.to_owned(), why.to_owned());
+        }
+        EndpointReport {
+            name: name.into(),
+            subject: format!("patchbay.v1.fn.{name}.invoke"),
+            metadata,
+            ..EndpointReport::default()
+        }
+    }
+
+    #[test]
+    fn a_failed_endpoint_carries_its_reason_in_info_metadata_and_stats_last_error() {
+        let why = "Permissions Violation for Subscription to \"crm.v1.in\"";
+        let r = responder(move || vec![endpoint("refused", Some(why)), endpoint("fine", None)]);
+
+        let info_json: serde_json::Value =
+            serde_json::from_slice(&r.answer(Verb::Info).unwrap()).unwrap();
+        // On the wire: one more metadata entry, nothing outside the protocol's shape.
+        assert_eq!(info_json["endpoints"][0]["metadata"]["failed"], why);
+        assert!(
+            info_json["endpoints"][1]["metadata"]
+                .get("failed")
+                .is_none()
+        );
+        let info: InfoResponse = serde_json::from_value(info_json).unwrap();
+        assert_eq!(info.endpoints[0].failed(), Some(why));
+        assert_eq!(info.endpoints[1].failed(), None);
+
+        let stats: StatsResponse = serde_json::from_slice(&r.answer(Verb::Stats).unwrap()).unwrap();
+        assert_eq!(stats.endpoints[0].last_error, why);
+        assert_eq!(stats.endpoints[1].last_error, "");
+    }
+
+    #[test]
+    fn answers_without_the_failed_key_read_as_working_endpoints() {
+        // An older node's INFO: no `failed` key; an empty one means nothing either.
+        let info: InfoResponse = serde_json::from_str(
+            r#"{"type":"io.nats.micro.v1.info_response","name":"patchbay-runtime","id":"1",
+                "version":"0.1.0","endpoints":[
+                  {"name":"a","subject":"s","metadata":{"function":"a"}},
+                  {"name":"b","subject":"s","metadata":{"function":"b","failed":""}},
+                  {"name":"c","subject":"s","metadata":null}]}"#,
+        )
+        .unwrap();
+        assert!(
+            info.endpoints.iter().all(|e| e.failed().is_none()),
+            "{info:?}"
+        );
     }
 
     #[test]

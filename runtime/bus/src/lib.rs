@@ -1,9 +1,10 @@
 //! Everything Patchbay puts on the wire.
 //!
 //! This crate owns the NATS connection (mutual TLS with rustls, one identity per
-//! workload), the subject mechanism and the platform subjects, the CloudEvents envelope
-//! on NATS headers, W3C trace-context propagation, the `patchbay-deadline` header and the
-//! publish/request primitives that apply all of them, plus the two record shapes every
+//! workload), the subject mechanism and the platform subjects, the one subject-pattern
+//! algebra ([`pattern`]: match, cover, overlap) every policy and allow-list uses, the
+//! CloudEvents envelope on NATS headers, W3C trace-context propagation, the
+//! `patchbay-deadline` header and the publish/request primitives that apply all of them, plus the two record shapes every
 //! component shares: the reply to an invocation ([`reply`]) and the dead-letter record
 //! ([`dlq`]), the NATS micro discovery every component answers ([`discovery`]), the
 //! request-side resilience mechanisms, policies and request loop ([`resilience`]), and
@@ -14,10 +15,9 @@
 //! It does not own any business subject (those live in `patchbay-protocol`),
 //! any stream layout (that is `deploy/streams.toml`) or telemetry set-up
 //! (`patchbay-telemetry`).
-
 //!
-//! Without the default `client` feature only [`subject`] is compiled, with no
-//! dependencies beyond `thiserror`, so guest code can share the subject mechanism.
+//! Without the default `client` feature only [`subject`] and [`pattern`] are compiled,
+//! with no dependencies beyond `thiserror`, so guest code can share the subject mechanism.
 
 #[cfg(feature = "cli")]
 pub mod args;
@@ -33,6 +33,7 @@ pub mod dlq;
 pub mod event;
 #[cfg(feature = "client")]
 pub mod hops;
+pub mod pattern;
 #[cfg(feature = "client")]
 pub mod pull;
 #[cfg(feature = "client")]

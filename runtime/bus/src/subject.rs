@@ -262,32 +262,19 @@ pub enum PlatformSubject {
 }
 
 /// Whether a concrete `subject` matches a NATS subscription `pattern` (`*` matches one
-/// token, a trailing `>` one or more).
+/// token, a trailing `>` one or more). The one algebra is [`crate::pattern`]; this is its
+/// string form.
 #[must_use]
 pub fn matches(pattern: &str, subject: &str) -> bool {
-    let mut subject_tokens = subject.split('.');
-    for p in pattern.split('.') {
-        match (p, subject_tokens.next()) {
-            (">", Some(_)) => return true,
-            ("*", Some(_)) => {}
-            (p, Some(s)) if p == s => {}
-            _ => return false,
-        }
-    }
-    subject_tokens.next().is_none()
+    crate::pattern::matches(pattern, subject)
 }
 
-/// Whether `pattern` is a well-formed subject or subscription pattern: non-empty tokens
-/// without white space, `*` only as a whole token, `>` only as the last token.
+/// Whether `pattern` is a well-formed subject or subscription pattern (see
+/// [`crate::pattern`]): non-empty tokens without white space or control characters, `*`
+/// only as a whole token, `>` only as the last token.
 #[must_use]
 pub fn is_valid_pattern(pattern: &str) -> bool {
-    let tokens: Vec<&str> = pattern.split('.').collect();
-    tokens.iter().enumerate().all(|(i, t)| {
-        !t.is_empty()
-            && !t.chars().any(char::is_whitespace)
-            && (*t == "*" || !t.contains('*'))
-            && (!t.contains('>') || (*t == ">" && i == tokens.len() - 1))
-    })
+    crate::pattern::check(pattern).is_ok()
 }
 
 /// Longest subject [`validate_publish_subject`] accepts, in bytes. The server refuses a

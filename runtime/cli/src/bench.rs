@@ -27,9 +27,9 @@ use futures::StreamExt as _;
 use patchbay_bus::{BusConfig, CloudEvent};
 
 use crate::bench_gateway::{Killed, http_get, micros, sibling};
-use crate::certs::Identity;
 use crate::function::{DeployArgs, FnCommand};
-use crate::local::{self, NatsPlan, StateDir};
+use patchbay_control::certs::Identity;
+use patchbay_control::local::{self, NatsPlan, StateDir};
 
 /// `patchbay bench` flags.
 #[derive(Debug, clap::Args)]
@@ -68,8 +68,9 @@ pub struct BenchArgs {
     /// Which benchmarks: `functions` (event function vs native responder), `gateway`
     /// (HTTP function through the gateway vs `wasmtime serve`), `tracing` (the function
     /// with OTLP export at 100 % sampling vs without), `breaker` (routing's latency under
-    /// a hung customer lookup, with and without a circuit breaker), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing", "breaker"])]
+    /// a hung customer lookup, with and without a circuit breaker), `topology` (call
+    /// latency and memory of the monolith vs the split layout), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing", "breaker", "topology"])]
     pub suite: String,
     /// The `wasmtime` CLI (48.0.8, the engine Patchbay embeds) for the gateway baseline.
     #[arg(
@@ -329,6 +330,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!();
         crate::bench_breaker::run(&args).await?;
     }
+    if matches!(args.suite.as_str(), "all" | "topology") {
+        println!();
+        crate::bench_topology::run(&args).await?;
+    }
     Ok(())
 }
 
@@ -435,7 +440,7 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
     let node = patchbay_host::NodeConfig {
         node: "node-1".into(),
         bus: node_config,
-        engine: patchbay_host::EngineConfig::default(),
+        engine: patchbay_engine::EngineConfig::default(),
         drain_timeout: Duration::from_secs(2),
     };
     let node_stop = Arc::new(tokio::sync::Notify::new());
@@ -502,9 +507,9 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     // The engine alone: instantiate + call of the same component, one core, no bus.
-    let engine = patchbay_host::Engine::new(patchbay_host::EngineConfig::default())?;
+    let engine = patchbay_engine::Engine::new(patchbay_engine::EngineConfig::default())?;
     let code = engine.load(&std::fs::read(&echo)?)?;
-    let event = patchbay_host::Event {
+    let event = patchbay_engine::Event {
         id: "bench".into(),
         source: "/bench".into(),
         type_: "bench.echo.v1".into(),
@@ -515,12 +520,12 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
         extensions: vec![],
     };
     let invocation =
-        patchbay_host::Invocation::new(Arc::new(patchbay_host::MemoryCapabilities::new()))
-            .allow_publish(patchbay_host::PublishAllowList::new(["cc.v1.bench.>"])?);
+        patchbay_engine::Invocation::new(Arc::new(patchbay_engine::MemoryCapabilities::new()))
+            .allow_publish(patchbay_engine::PublishAllowList::new(["cc.v1.bench.>"])?);
     let _ =
-        patchbay_host::engine::bench_instantiate_call(&engine, &code, &event, &invocation, 1000)
+        patchbay_engine::engine::bench_instantiate_call(&engine, &code, &event, &invocation, 1000)
             .await;
-    let mut timings = patchbay_host::engine::bench_instantiate_call(
+    let mut timings = patchbay_engine::engine::bench_instantiate_call(
         &engine,
         &code,
         &event,

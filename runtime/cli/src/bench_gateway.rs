@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::bench::BenchArgs;
-use crate::certs::Identity;
 use crate::function::{DeployArgs, FnCommand};
+use patchbay_control::certs::Identity;
 
 /// What every `wasmtime serve` run gets: the `wasi:cli` interfaces a Rust `wasm32-wasip2`
 /// component imports through std (without them `wasmtime serve` refuses it).

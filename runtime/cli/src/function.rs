@@ -10,15 +10,15 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use futures::StreamExt as _;
+use patchbay_bus::reply::InvokeReply;
 use patchbay_bus::{Bus, CloudEvent, RequestOptions, Token};
-use patchbay_host::canary::Verdict;
 use patchbay_host::dispatch::LogRecord;
-use patchbay_host::registry::{
-    self, DLQ_STREAM, FunctionSpec, LOGS_STREAM, Limits, Registry, TICKS_STREAM, Trigger,
-    VersionSpec,
-};
-use patchbay_host::reply::InvokeReply;
 use patchbay_host::{NodeStatus, dlq};
+use patchbay_registry::canary::Verdict;
+use patchbay_registry::{
+    self as registry, DLQ_STREAM, FunctionSpec, LOGS_STREAM, Limits, Registry, TICKS_STREAM,
+    Trigger, VersionSpec,
+};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -80,14 +80,14 @@ pub enum FnCommand {
     Rm {
         /// Function name.
         name: String,
-        /// Also delete the function's KV bucket.
+        /// Also delete the function's KV state (its keys in bucket `patchbay-fn-state`).
         #[arg(long)]
         purge: bool,
     },
     /// Dead letters: list, show, replay.
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// A function's KV state (bucket `patchbay-fn-<name>`), read-only.
+    /// A function's KV state (its keys `<name>.<key>` in bucket `patchbay-fn-state`), read-only.
     #[command(subcommand)]
     Kv(KvCommand),
 }
@@ -292,7 +292,7 @@ pub async fn run(command: FnCommand, bus: Bus) -> anyhow::Result<()> {
         FnCommand::Promote { name, json } => promote(&bus, &registry, &name, json).await,
         FnCommand::Rm { name, purge } => rm(&bus, &registry, &name, purge).await,
         FnCommand::Dlq(cmd) => dlq_command(&bus, cmd).await,
-        FnCommand::Kv(cmd) => kv_command(&bus, cmd).await,
+        FnCommand::Kv(cmd) => kv_command(&bus, &registry, cmd).await,
     }
 }
 
@@ -318,10 +318,10 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
     let name = token(&args.name)?;
     let mut trigger = Trigger::parse(&args.trigger)?;
     if args.ordered {
-        trigger = trigger.with_ordering(patchbay_host::ordering::Ordered {
+        trigger = trigger.with_ordering(patchbay_registry::ordering::Ordered {
             partitions: args
                 .partitions
-                .unwrap_or(patchbay_host::ordering::DEFAULT_PARTITIONS),
+                .unwrap_or(patchbay_registry::ordering::DEFAULT_PARTITIONS),
         })?;
     }
     for p in &args.publish {
@@ -338,7 +338,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
     // Would the hosts be allowed to do what this deploy asks? Checked against the policy
     // the bootstrap stored, before anything is uploaded or created.
     let js = bus.jetstream();
-    let notes = crate::admission::load(&js)
+    let notes = patchbay_control::admission::load(&js)
         .await?
         .check(&name, &trigger, &args.publish)
         .with_context(|| format!("refusing to deploy {name}"))?;
@@ -346,7 +346,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         .await
         .with_context(|| format!("refusing to deploy {name}"))?;
     // Checked, so that no --memory wraps around to a 0-byte limit.
-    let memory_bytes = patchbay_host::limits::instance_memory_bytes(args.memory_mib)
+    let memory_bytes = patchbay_engine::limits::instance_memory_bytes(args.memory_mib)
         .context("invalid --memory")?;
     if args.concurrency == 0 {
         bail!("invalid --concurrency: at least 1 invocation per node");
@@ -355,9 +355,9 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
         .with_context(|| format!("cannot read {}", args.file.display()))?
         .len();
     // The engine that validates is configured like a runtime node's, with one slot.
-    let engine_config = patchbay_host::EngineConfig {
+    let engine_config = patchbay_engine::EngineConfig {
         max_concurrent_instances: 1,
-        ..patchbay_host::EngineConfig::default()
+        ..patchbay_engine::EngineConfig::default()
     };
     let max = engine_config.max_component_bytes as u64;
     if size > max {
@@ -373,7 +373,7 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
     let started = Instant::now();
     let http = trigger.is_http();
     let validated = tokio::task::spawn_blocking(move || {
-        let engine = patchbay_host::Engine::new(engine_config)?;
+        let engine = patchbay_engine::Engine::new(engine_config)?;
         // An HTTP function must target wasi:http/proxy; every other one the event world.
         if http {
             engine.load_http(&bytes).map_err(anyhow::Error::from)?;
@@ -489,7 +489,6 @@ async fn deploy(bus: &Bus, registry: &Registry, args: DeployArgs) -> anyhow::Res
     if !args.json {
         eprintln!("uploaded sha256:{digest} in {:?}", started.elapsed());
     }
-    ensure_bucket(&js, &name).await?;
     // A canary shares the active version's trigger, hence its consumer: that keeps the
     // stable version's settings until `fn promote`.
     if canary.is_none() {
@@ -578,7 +577,7 @@ async fn check_streams_exist(js: &jetstream::Context, trigger: &Trigger) -> anyh
         } => {
             needed.push(stream);
             if ordered.is_some() {
-                needed.push(patchbay_host::ordering::ORDERED_STREAM);
+                needed.push(patchbay_registry::ordering::ORDERED_STREAM);
             }
         }
         Trigger::Schedule { .. } => needed.push(TICKS_STREAM),
@@ -592,24 +591,6 @@ async fn check_streams_exist(js: &jetstream::Context, trigger: &Trigger) -> anyh
             );
         }
     }
-    Ok(())
-}
-
-/// Create the function's own KV bucket if it does not exist (admin only).
-async fn ensure_bucket(js: &jetstream::Context, name: &Token) -> anyhow::Result<()> {
-    let bucket = registry::function_bucket(name);
-    if js.get_key_value(&bucket).await.is_ok() {
-        return Ok(());
-    }
-    js.create_key_value(kv::Config {
-        bucket: bucket.clone(),
-        description: format!("state of function {name}"),
-        history: 1,
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("failed to create KV bucket {bucket}"))?;
     Ok(())
 }
 
@@ -788,9 +769,65 @@ async fn canary_text(store: Option<&kv::Store>, spec: &FunctionSpec) -> String {
     }
 }
 
+/// How long `fn ls` and `fn describe` collect the nodes' answers.
+const NODES_WINDOW: Duration = Duration::from_millis(300);
+
+/// The nodes that have `name` loaded, each with what it reports of it (by node name).
+fn nodes_of<'a>(
+    statuses: &'a [NodeStatus],
+    name: &str,
+) -> Vec<(&'a str, &'a patchbay_host::ServedFunction)> {
+    statuses
+        .iter()
+        .flat_map(|s| {
+            s.functions
+                .iter()
+                .filter(move |f| f.name == name)
+                .map(move |f| (s.node.as_str(), f))
+        })
+        .collect()
+}
+
+/// `name` on every node, as `fn ls --json`/`fn describe --json` print it: `state` is
+/// `serving`, or `failed` with the `reason` (the server refused the trigger's subscription).
+fn nodes_json(statuses: &[NodeStatus], name: &str) -> serde_json::Value {
+    nodes_of(statuses, name)
+        .into_iter()
+        .map(|(node, f)| {
+            json!({ "node": node, "version": f.version, "trigger": f.trigger, "canary": f.canary,
+                    "state": if f.failed.is_some() { "failed" } else { "serving" },
+                    "reason": f.failed })
+        })
+        .collect()
+}
+
+/// `name` on every node in one phrase for `fn ls`: `node-1,node-2 FAILED`, a node serving
+/// another version than `active` with it (`node-3 v1`), `-` when no node has it.
+fn nodes_text(statuses: &[NodeStatus], name: &str, active: u32) -> String {
+    let nodes: Vec<String> = nodes_of(statuses, name)
+        .into_iter()
+        .map(|(node, f)| {
+            let mut text = node.to_owned();
+            if f.version != active {
+                text.push_str(&format!(" v{}", f.version));
+            }
+            if f.failed.is_some() {
+                text.push_str(" FAILED");
+            }
+            text
+        })
+        .collect();
+    if nodes.is_empty() {
+        "-".into()
+    } else {
+        nodes.join(",")
+    }
+}
+
 async fn ls(bus: &Bus, registry: &Registry, json: bool) -> anyhow::Result<()> {
     let specs = registry.list().await?;
     let store = verdict_store(bus).await;
+    let nodes = node_statuses(bus, NODES_WINDOW).await;
     if json {
         let mut rows = Vec::new();
         for s in &specs {
@@ -799,25 +836,27 @@ async fn ls(bus: &Bus, registry: &Registry, json: bool) -> anyhow::Result<()> {
                 json!({ "name": s.name, "version": v.version, "digest": v.digest,
                         "trigger": v.trigger.to_string(), "deployed_at": v.deployed_at,
                         "versions": s.versions.len(),
-                        "canary": canary_json(store.as_ref(), s).await }),
+                        "canary": canary_json(store.as_ref(), s).await,
+                        "nodes": nodes_json(&nodes, &s.name) }),
             );
         }
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
     println!(
-        "{:<24} {:>7} {:<14} {:<48} {:<26} CANARY",
-        "NAME", "VERSION", "DIGEST", "TRIGGER", "DEPLOYED"
+        "{:<24} {:>7} {:<14} {:<48} {:<26} {:<24} CANARY",
+        "NAME", "VERSION", "DIGEST", "TRIGGER", "DEPLOYED", "NODES"
     );
     for s in &specs {
         if let Ok(v) = s.active_version() {
             println!(
-                "{:<24} {:>7} {:<14} {:<48} {:<26} {}",
+                "{:<24} {:>7} {:<14} {:<48} {:<26} {:<24} {}",
                 s.name,
                 format!("v{}", v.version),
                 &v.digest[..12],
                 v.trigger.to_string(),
                 v.deployed_at,
+                nodes_text(&nodes, &s.name, v.version),
                 canary_text(store.as_ref(), s).await
             );
         }
@@ -833,10 +872,12 @@ async fn describe(bus: &Bus, registry: &Registry, name: &str, json: bool) -> any
             .ok_or_else(|| registry::RegistryError::UnknownFunction {
                 name: name.to_owned(),
             })?;
+    let nodes = node_statuses(bus, NODES_WINDOW).await;
     if json {
         let mut value = serde_json::to_value(&spec)?;
         value["revision"] = revision.into();
         value["canary"] = canary_json(verdict_store(bus).await.as_ref(), &spec).await;
+        value["nodes"] = nodes_json(&nodes, &spec.name);
         println!("{value}");
         return Ok(());
     }
@@ -844,6 +885,19 @@ async fn describe(bus: &Bus, registry: &Registry, name: &str, json: bool) -> any
         "{} (active v{}, registry revision {revision})",
         spec.name, spec.active
     );
+    let on_nodes = nodes_of(&nodes, &spec.name);
+    if on_nodes.is_empty() {
+        println!("nodes    none has it loaded");
+    }
+    for (node, f) in on_nodes {
+        match &f.failed {
+            Some(why) => println!(
+                "node     {node}  v{}  FAILED  trigger {}: {why}",
+                f.version, f.trigger
+            ),
+            None => println!("node     {node}  v{}  serving", f.version),
+        }
+    }
     if spec.canary.is_some() {
         println!(
             "canary {}",
@@ -1054,7 +1108,7 @@ async fn promote(bus: &Bus, registry: &Registry, name: &str, json: bool) -> anyh
 /// The canary verdicts bucket, when the bootstrap created it.
 async fn verdict_store(bus: &Bus) -> Option<kv::Store> {
     bus.jetstream()
-        .get_key_value(patchbay_host::canary::VERDICTS_BUCKET)
+        .get_key_value(patchbay_registry::canary::VERDICTS_BUCKET)
         .await
         .ok()
 }
@@ -1062,7 +1116,7 @@ async fn verdict_store(bus: &Bus) -> Option<kv::Store> {
 /// The auto-rollback verdict on `version` of `name`, if any.
 async fn verdict(store: Option<&kv::Store>, name: &str, version: u32) -> Option<Verdict> {
     let entry = store?
-        .get(patchbay_host::canary::verdict_key(name, version))
+        .get(patchbay_registry::canary::verdict_key(name, version))
         .await
         .ok()??;
     serde_json::from_slice(&entry).ok()
@@ -1072,7 +1126,7 @@ async fn verdict(store: Option<&kv::Store>, name: &str, version: u32) -> Option<
 async fn clear_verdict(bus: &Bus, name: &str, version: u32) {
     if let Some(store) = verdict_store(bus).await {
         let _ = store
-            .purge(patchbay_host::canary::verdict_key(name, version))
+            .purge(patchbay_registry::canary::verdict_key(name, version))
             .await;
     }
 }
@@ -1137,10 +1191,10 @@ async fn rm(bus: &Bus, registry: &Registry, name: &str, purge: bool) -> anyhow::
     }
     crate::ordering::remove(bus, &name).await?;
     if purge {
-        let bucket = registry::function_bucket(&name);
-        js.delete_key_value(&bucket)
+        // Its keys only: the bucket holds every function's state.
+        registry::purge_state(&js, &name)
             .await
-            .with_context(|| format!("failed to delete bucket {bucket}"))?;
+            .map_err(anyhow::Error::msg)?;
     }
     println!("removed {name}");
     Ok(())
@@ -1316,22 +1370,31 @@ async fn dlq_command(bus: &Bus, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The KV bucket of function `name`, which `fn deploy` creates.
-async fn function_store(bus: &Bus, name: &Token) -> anyhow::Result<kv::Store> {
-    let bucket = registry::function_bucket(name);
+/// The bucket holding every function's state (declared in deploy/streams.toml).
+async fn state_store(bus: &Bus) -> anyhow::Result<kv::Store> {
+    let bucket = registry::FUNCTION_STATE_BUCKET;
     bus.jetstream()
-        .get_key_value(&bucket)
+        .get_key_value(bucket)
         .await
-        .with_context(|| format!("function {name} has no KV bucket {bucket} (is it deployed?)"))
+        .with_context(|| format!("no function state bucket {bucket} (run `patchbay bootstrap`)"))
 }
 
-async fn kv_command(bus: &Bus, command: KvCommand) -> anyhow::Result<()> {
+/// How long `fn kv ls` may take to list a function's keys.
+const KV_LIST_LIMIT: Duration = Duration::from_secs(10);
+
+async fn kv_command(bus: &Bus, registry: &Registry, command: KvCommand) -> anyhow::Result<()> {
     match command {
         KvCommand::Get { name, key, json } => {
             let name = token(&name)?;
-            let store = function_store(bus, &name).await?;
+            patchbay_engine::capabilities::validate_kv_key(&key).map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid key {key:?}: keys are letters, digits and `-_=.`, without a \
+                     leading, trailing or doubled dot"
+                )
+            })?;
+            let store = state_store(bus).await?;
             let entry = store
-                .entry(key.as_str())
+                .entry(registry::state_key(&name, &key))
                 .await
                 .with_context(|| format!("failed to read key {key:?} of function {name}"))?
                 .filter(|e| e.operation == kv::Operation::Put)
@@ -1358,17 +1421,19 @@ async fn kv_command(bus: &Bus, command: KvCommand) -> anyhow::Result<()> {
             }
         }
         KvCommand::Ls { name, json } => {
-            use futures::TryStreamExt as _;
             let name = token(&name)?;
-            let store = function_store(bus, &name).await?;
-            let mut keys: Vec<String> = store
-                .keys()
+            let store = state_store(bus).await?;
+            let keys = registry::state_keys(bus.client(), &store, &name, KV_LIST_LIMIT)
                 .await
-                .with_context(|| format!("failed to list the keys of function {name}"))?
-                .try_collect()
-                .await
-                .with_context(|| format!("failed to list the keys of function {name}"))?;
-            keys.sort();
+                .map_err(anyhow::Error::msg)?;
+            // A removed function's state stays readable until `fn rm --purge`; a name
+            // that was never deployed is a mistake worth saying.
+            if keys.is_empty() && registry.get(name.as_str()).await?.is_none() {
+                bail!(
+                    "function {name} is not deployed and has no keys in {}",
+                    registry::FUNCTION_STATE_BUCKET
+                );
+            }
             if json {
                 println!("{}", json!(keys));
             } else {

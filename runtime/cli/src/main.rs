@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use patchbay_cli::certs::{CertAuthority, Identity, Validity};
 use patchbay_cli::connection::ConnectionArgs;
 use patchbay_cli::function::FnCommand;
-use patchbay_cli::local::{self, StateDir};
 use patchbay_cli::resilience::ResilienceCommand;
 use patchbay_cli::token::TokenCommand;
 use patchbay_cli::up::UpArgs;
+use patchbay_control::certs::{CertAuthority, Identity, Validity};
+use patchbay_control::local::{self, StateDir};
 
 /// Patchbay: one NATS bus for core services and WebAssembly functions.
 #[derive(Debug, Parser)]
@@ -58,7 +58,7 @@ enum CertsCommand {
     /// Create the dev CA (idempotent).
     Init {
         /// SPIFFE trust domain.
-        #[arg(long, default_value = patchbay_cli::certs::DEFAULT_TRUST_DOMAIN)]
+        #[arg(long, default_value = patchbay_control::certs::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
     /// Issue a workload certificate, e.g. `runtime/node-3`.
@@ -66,7 +66,7 @@ enum CertsCommand {
         /// `kind/name`.
         identity: Identity,
         /// Validity in days.
-        #[arg(long, default_value_t = patchbay_cli::certs::DEFAULT_VALIDITY_DAYS)]
+        #[arg(long, default_value_t = patchbay_control::certs::DEFAULT_VALIDITY_DAYS)]
         days: i64,
     },
 }
@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
             let ca = CertAuthority::init(
                 &state.certs(),
                 &trust_domain,
-                Validity::days(patchbay_cli::certs::DEFAULT_CA_VALIDITY_DAYS),
+                Validity::days(patchbay_control::certs::DEFAULT_CA_VALIDITY_DAYS),
             )
             .context("failed to create the CA")?;
             println!("CA for {trust_domain} at {}", ca.cert_path().display());

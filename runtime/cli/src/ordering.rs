@@ -1,7 +1,7 @@
 //! The admin side of ordered `stream` triggers (`patchbay fn deploy --ordered`): the source
 //! that copies a function's input into PATCHBAY_ORDERED, partitioned by key, and the
 //! partition consumers the runtime nodes pull from. The scheme itself (names, subjects,
-//! transform) is [`patchbay_host::ordering`]; the node's loops are in the host.
+//! transform) is [`patchbay_registry::ordering`]; the node's loops are in the host.
 //!
 //! PATCHBAY_ORDERED is declared in deploy/streams.toml; the bootstrap manages its limits
 //! and subjects but leaves `sources` alone, so running `patchbay up` again keeps what
@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::TryStreamExt as _;
 use patchbay_bus::{Bus, Token};
-use patchbay_host::ordering::{
+use patchbay_registry::ordering::{
     self, ORDERED_STREAM, Ordered, function_filter, is_function_destination,
     parse_partition_consumer, partition_consumer, partition_filter,
 };

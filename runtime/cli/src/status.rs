@@ -9,8 +9,12 @@
 //! `function`): who serves each one, and its invocations and errors summed over them.
 //!
 //! Health is what discovery can tell: `ok` when the component answered INFO and the last
-//! STATS sample, `unresponsive` when it stopped answering in between. A function no
-//! component serves is shown as served by nobody, which is worth a look.
+//! STATS sample, `unresponsive` when it stopped answering in between, `degraded` when it
+//! answers but reports an endpoint failed (metadata `failed`, `patchbay_bus::discovery::FAILED`
+//! — a runtime node whose subscription to a function's trigger the server refused). Such a
+//! function is loaded there but never fires: it is shown failed on that component, with
+//! the reason, and counted in `failed_functions`. A function no component serves is shown
+//! as served by nobody, which is worth a look.
 //!
 //! Not here: per-request detail (traces), history (Prometheus), or the workloads'
 //! readiness probes (their admin listeners).
@@ -21,13 +25,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use patchbay_bus::Bus;
 use patchbay_bus::discovery::{self, InfoResponse, StatsResponse, Verb};
-use patchbay_host::registry::{FunctionSpec, Registry};
+use patchbay_registry::{FunctionSpec, Registry};
 use serde::{Deserialize, Serialize};
 
 /// `patchbay status` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
-    /// Print one JSON document `{ "components": [...], "functions": [...] }`.
+    /// Print one JSON document `{ "components": [...], "functions": [...],
+    /// "failed_functions": n }`.
     #[arg(long)]
     pub json: bool,
     /// Time between the two counter samples the rates come from (0s: no rates).
@@ -45,6 +50,9 @@ pub struct Status {
     pub components: Vec<Component>,
     /// Every function in the registry (and any still served after removal), by name.
     pub functions: Vec<FunctionStatus>,
+    /// How many of them failed on at least one component.
+    #[serde(default)]
+    pub failed_functions: usize,
 }
 
 /// Health as discovery sees it.
@@ -55,6 +63,8 @@ pub enum Health {
     Ok,
     /// Answered INFO but not the last STATS sample.
     Unresponsive,
+    /// Answers, but reports at least one endpoint failed.
+    Degraded,
 }
 
 impl Health {
@@ -62,6 +72,7 @@ impl Health {
         match self {
             Self::Ok => "ok",
             Self::Unresponsive => "unresponsive",
+            Self::Degraded => "degraded",
         }
     }
 }
@@ -106,8 +117,11 @@ pub struct EndpointStatus {
     pub name: String,
     /// Subject (or HTTP route).
     pub subject: String,
-    /// Metadata (function endpoints: `function`, `version`, `trigger`).
+    /// Metadata (function endpoints: `function`, `version`, `trigger`; `failed`).
     pub metadata: BTreeMap<String, String>,
+    /// Why the endpoint does not work, none while it does.
+    #[serde(default)]
+    pub failed: Option<String>,
     /// Requests handled since start.
     pub requests: u64,
     /// Failed.
@@ -137,6 +151,9 @@ pub struct FunctionStatus {
     pub invocations_per_second: Option<f64>,
     /// Errors per second.
     pub errors_per_second: Option<f64>,
+    /// Whether it failed on at least one of the components serving it.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 /// A component serving a function.
@@ -148,6 +165,9 @@ pub struct Serving {
     pub id: String,
     /// Version it serves.
     pub version: Option<u32>,
+    /// Why the function does not work there (its trigger failed), none while it does.
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 /// Run `patchbay status`.
@@ -276,6 +296,7 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
                     name: e.name.clone(),
                     subject: e.subject.clone(),
                     metadata: e.metadata.clone(),
+                    failed: e.failed().map(str::to_owned),
                     requests,
                     errors,
                     requests_per_second,
@@ -311,10 +332,12 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
             version: info.version.clone(),
             started,
             uptime_seconds,
-            health: if stats.is_some() {
-                Health::Ok
-            } else {
+            health: if stats.is_none() {
                 Health::Unresponsive
+            } else if endpoints.iter().any(|e| e.failed.is_some()) {
+                Health::Degraded
+            } else {
+                Health::Ok
             },
             requests: endpoints.iter().map(|e| e.requests).sum(),
             errors: endpoints.iter().map(|e| e.errors).sum(),
@@ -341,6 +364,7 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
                 errors: 0,
                 invocations_per_second: None,
                 errors_per_second: None,
+                failed: false,
             };
             (spec.name.clone(), status)
         })
@@ -365,7 +389,9 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
                     errors: 0,
                     invocations_per_second: None,
                     errors_per_second: None,
+                    failed: false,
                 });
+            function.failed |= endpoint.failed.is_some();
             function.served_by.push(Serving {
                 component: component
                     .identity
@@ -376,6 +402,7 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
                     .metadata
                     .get("version")
                     .and_then(|v| v.parse().ok()),
+                failed: endpoint.failed.clone(),
             });
             function.invocations += endpoint.requests;
             function.errors += endpoint.errors;
@@ -387,9 +414,11 @@ fn assemble(samples: Samples, specs: &[FunctionSpec], now: time::OffsetDateTime)
             }
         }
     }
+    let functions: Vec<FunctionStatus> = functions.into_values().collect();
     Status {
         components,
-        functions: functions.into_values().collect(),
+        failed_functions: functions.iter().filter(|f| f.failed).count(),
+        functions,
     }
 }
 
@@ -463,7 +492,10 @@ pub fn render(status: &Status) -> String {
         } else {
             f.served_by
                 .iter()
-                .map(|s| s.component.as_str())
+                .map(|s| match s.failed {
+                    Some(_) => format!("{} FAILED", s.component),
+                    None => s.component.clone(),
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -483,6 +515,29 @@ pub fn render(status: &Status) -> String {
     }
     if status.functions.is_empty() {
         let _ = writeln!(out, "(no function deployed)");
+    }
+    if status.failed_functions > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} failed (loaded, but the trigger does not work):",
+            match status.failed_functions {
+                1 => "1 function".to_owned(),
+                n => format!("{n} functions"),
+            }
+        );
+        for f in status.functions.iter().filter(|f| f.failed) {
+            for (s, why) in f
+                .served_by
+                .iter()
+                .filter_map(|s| s.failed.as_deref().map(|why| (s, why)))
+            {
+                let _ = writeln!(
+                    out,
+                    "  {} on {} (trigger {}): {why}",
+                    f.name, s.component, f.trigger
+                );
+            }
+        }
     }
     out
 }
@@ -624,5 +679,103 @@ mod tests {
             (Health::Ok, 5, None)
         );
         assert_eq!(status.functions[0].invocations, 5);
+    }
+
+    #[test]
+    fn a_function_failed_on_a_node_is_counted_flagged_with_its_reason_and_degrades_the_node() {
+        let why = "server error: Permissions Violation for Subscription to \"crm.v1.in\"";
+        let mut refusing = info(
+            "patchbay-runtime",
+            "a",
+            "runtime/node-1",
+            &[("echo", 1), ("crm", 1)],
+        );
+        refusing.endpoints[1]
+            .metadata
+            .insert(discovery::FAILED.into(), why.into());
+        refusing.endpoints[1]
+            .metadata
+            .insert("trigger".into(), "subject:crm.v1.in".into());
+        let status = assemble(
+            Samples {
+                infos: vec![
+                    refusing,
+                    info("patchbay-runtime", "b", "runtime/node-2", &[("crm", 1)]),
+                ],
+                first: vec![stats("a", &[]), stats("b", &[])],
+                second: None,
+                elapsed: None,
+            },
+            &[],
+            now(),
+        );
+        assert_eq!(status.failed_functions, 1);
+        let health: Vec<Health> = status.components.iter().map(|c| c.health).collect();
+        assert_eq!(health, [Health::Degraded, Health::Ok]);
+        let crm = status.functions.iter().find(|f| f.name == "crm").unwrap();
+        assert!(crm.failed);
+        let on: Vec<(&str, Option<&str>)> = crm
+            .served_by
+            .iter()
+            .map(|s| (s.component.as_str(), s.failed.as_deref()))
+            .collect();
+        assert_eq!(
+            on,
+            [("runtime/node-1", Some(why)), ("runtime/node-2", None)]
+        );
+        assert!(
+            !status
+                .functions
+                .iter()
+                .find(|f| f.name == "echo")
+                .unwrap()
+                .failed
+        );
+
+        let table = render(&status);
+        assert!(table.contains("degraded"), "{table}");
+        assert!(
+            table.contains("runtime/node-1 FAILED,runtime/node-2"),
+            "{table}"
+        );
+        assert!(table.contains("1 function failed"), "{table}");
+        assert!(
+            table.contains(&format!(
+                "crm on runtime/node-1 (trigger subject:crm.v1.in): {why}"
+            )),
+            "{table}"
+        );
+        // The JSON document says the same, and one without the new fields still reads.
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["failed_functions"], 1);
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("failed_functions");
+        for f in old["functions"].as_array_mut().unwrap() {
+            f.as_object_mut().unwrap().remove("failed");
+        }
+        let read: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(read.failed_functions, 0);
+    }
+
+    #[test]
+    fn healthy_status_has_no_failed_section() {
+        let status = assemble(
+            Samples {
+                infos: vec![info(
+                    "patchbay-runtime",
+                    "a",
+                    "runtime/node-1",
+                    &[("echo", 1)],
+                )],
+                first: vec![stats("a", &[])],
+                second: None,
+                elapsed: None,
+            },
+            &[],
+            now(),
+        );
+        assert_eq!(status.failed_functions, 0);
+        assert_eq!(status.components[0].health, Health::Ok);
+        assert!(!render(&status).contains("failed"), "{}", render(&status));
     }
 }

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use crate::certs::Identity;
 use crate::envfile::{self, EnvFile};
 use crate::function::{DeployArgs, FnCommand};
-use crate::local::{self, NatsPlan, StateDir};
+use patchbay_control::certs::Identity;
+use patchbay_control::local::{self, NatsPlan, StateDir};
 
 /// `patchbay up` flags.
 #[derive(Debug, clap::Args)]
@@ -29,16 +29,16 @@ pub struct UpArgs {
     )]
     pub nats_server: PathBuf,
     /// Client port of the local nats-server.
-    #[arg(long, default_value_t = crate::natsconf::DEFAULT_PORT)]
+    #[arg(long, default_value_t = patchbay_control::natsconf::DEFAULT_PORT)]
     pub port: u16,
     /// Monitoring port of the local nats-server (127.0.0.1).
-    #[arg(long, default_value_t = crate::natsconf::DEFAULT_HTTP_PORT)]
+    #[arg(long, default_value_t = patchbay_control::natsconf::DEFAULT_HTTP_PORT)]
     pub http_port: u16,
     /// Runtime nodes to start.
     #[arg(long, default_value_t = 1)]
     pub nodes: u16,
-    /// First admin (metrics) port: node i listens on this + i - 1, then the gateway,
-    /// routing and agents on the next ones.
+    /// First admin (metrics) port: each process takes the next one, in the order the
+    /// summary lists them.
     #[arg(long, default_value_t = 9464)]
     pub admin_port: u16,
     /// Directory with `access.toml` and `streams.toml`.
@@ -53,12 +53,33 @@ pub struct UpArgs {
     /// Start everything, deploy, print, then stop everything and exit (a smoke test).
     #[arg(long)]
     pub check: bool,
+    /// How the services are laid out in processes: `monolith` (one `patchbay-node` runs
+    /// the gateway, routing, agents and the first runtime node) or `split` (a process per
+    /// service). Further `--nodes` are extra runtime processes either way.
+    #[arg(long, value_enum, env = "PATCHBAY_UP_TOPOLOGY", default_value_t = UpTopology::Monolith)]
+    pub topology: UpTopology,
+}
+
+/// The topologies `patchbay up` can start (the processes of `deploy/topology.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpTopology {
+    /// One process runs every service.
+    Monolith,
+    /// One process per service.
+    Split,
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
-struct Supervised {
+pub(crate) struct Supervised {
     name: String,
     child: Child,
+}
+
+impl Supervised {
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Supervised {
@@ -138,31 +159,44 @@ const EXAMPLES: &[Example] = &[
 ];
 
 /// A long-running process `up` starts, with its identity and flags.
-struct Workload {
+pub(crate) struct Workload {
     /// Label in the summary and log file name.
-    label: String,
+    pub(crate) label: String,
     binary: &'static str,
-    identity: Identity,
+    /// The identity whose certificate the process gets; `None` for `patchbay-node`,
+    /// which picks each service's own from the certificates directory.
+    identity: Option<Identity>,
     args: Vec<String>,
-    env: Vec<(&'static str, String)>,
-    admin: String,
+    pub(crate) env: Vec<(&'static str, String)>,
+    /// Its admin listener (`PATCHBAY_ADMIN_LISTEN`).
+    pub(crate) admin: String,
 }
 
 impl Workload {
-    fn spawn(&self, state: &StateDir, url: &str) -> anyhow::Result<(Supervised, PathBuf)> {
+    pub(crate) fn spawn(
+        &self,
+        state: &StateDir,
+        url: &str,
+    ) -> anyhow::Result<(Supervised, PathBuf)> {
         let program = sibling(self.binary)?;
-        let files = state.identity(&self.identity);
         let log = state
             .logs()
             .join(format!("{}.log", self.label.replace(' ', "-")));
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(&program)
+        let mut command = Command::new(&program);
+        if let Some(identity) = &self.identity {
+            let files = state.identity(identity);
+            command
+                .env(envfile::NATS_CERT, &files.cert)
+                .env(envfile::NATS_KEY, &files.key);
+        } else {
+            command.env("PATCHBAY_CERTS_DIR", state.certs());
+        }
+        let child = command
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env(envfile::NATS_URL, url)
             .env(envfile::NATS_CA, state.ca())
-            .env(envfile::NATS_CERT, &files.cert)
-            .env(envfile::NATS_KEY, &files.key)
             .env("PATCHBAY_ADMIN_LISTEN", &self.admin)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -230,51 +264,7 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(state.logs())?;
     let gateway_url = format!("http://127.0.0.1:{}", args.gateway_port);
-    let mut workloads: Vec<Workload> = nodes
-        .iter()
-        .map(|node| Workload {
-            label: format!("runtime {}", node.name()),
-            binary: "patchbay-runtime",
-            identity: node.clone(),
-            args: vec![],
-            env: vec![("PATCHBAY_NODE", node.name().to_owned())],
-            admin: String::new(),
-        })
-        .collect();
-    workloads.push(Workload {
-        label: "gateway".into(),
-        binary: "patchbay-gateway",
-        identity: Identity::new("gateway", "gateway")?,
-        args: vec![
-            "--listen".into(),
-            format!("127.0.0.1:{}", args.gateway_port),
-        ],
-        env: vec![],
-        admin: String::new(),
-    });
-    workloads.push(Workload {
-        label: "routing".into(),
-        binary: "patchbay-routing",
-        identity: Identity::new("service", "routing")?,
-        args: vec![
-            "--rules".into(),
-            args.deploy_dir.join("routing.toml").display().to_string(),
-        ],
-        env: vec![],
-        admin: String::new(),
-    });
-    workloads.push(Workload {
-        label: "agents".into(),
-        binary: "patchbay-agents",
-        identity: Identity::new("service", "agents")?,
-        args: vec![
-            "run".into(),
-            "--config".into(),
-            args.deploy_dir.join("agents.toml").display().to_string(),
-        ],
-        env: vec![],
-        admin: String::new(),
-    });
+    let mut workloads = workloads(args.topology, args.gateway_port, &args.deploy_dir, &nodes)?;
     let mut children = Vec::new();
     let mut admin_urls = Vec::new();
     for (i, workload) in workloads.iter_mut().enumerate() {
@@ -384,6 +374,83 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
     drop(children);
     drop(nats_process);
     Ok(())
+}
+
+/// The processes of `args.topology`: with `monolith`, one `patchbay-node` running the
+/// gateway, routing, agents and the first runtime node (each service with its own
+/// identity) plus a `patchbay-runtime` per further node; with `split`, a process each.
+/// The gateway listens on `gateway_port`; routing and agents read `routing.toml` and
+/// `agents.toml` in `config_dir`.
+pub(crate) fn workloads(
+    topology: UpTopology,
+    gateway_port: u16,
+    config_dir: &Path,
+    nodes: &[Identity],
+) -> anyhow::Result<Vec<Workload>> {
+    let listen = format!("127.0.0.1:{gateway_port}");
+    let rules = config_dir.join("routing.toml").display().to_string();
+    let agents = config_dir.join("agents.toml").display().to_string();
+    let runtime = |node: &Identity| Workload {
+        label: format!("runtime {}", node.name()),
+        binary: "patchbay-runtime",
+        identity: Some(node.clone()),
+        args: vec![],
+        env: vec![("PATCHBAY_NODE", node.name().to_owned())],
+        admin: String::new(),
+    };
+    let mut workloads = Vec::new();
+    match topology {
+        UpTopology::Monolith => {
+            let (first, rest) = nodes.split_first().context("no runtime node")?;
+            let service_arg = |service: &str, flag: String| {
+                ["--service-arg".to_owned(), format!("{service}={flag}")]
+            };
+            let args = [
+                service_arg("runtime", format!("--node={}", first.name())),
+                service_arg("gateway", format!("--listen={listen}")),
+                service_arg("routing", format!("--rules={rules}")),
+                service_arg("agents", format!("--config={agents}")),
+            ]
+            .concat();
+            workloads.push(Workload {
+                label: "node".into(),
+                binary: "patchbay-node",
+                identity: None,
+                args,
+                env: vec![],
+                admin: String::new(),
+            });
+            workloads.extend(rest.iter().map(runtime));
+        }
+        UpTopology::Split => {
+            workloads.extend(nodes.iter().map(runtime));
+            workloads.push(Workload {
+                label: "gateway".into(),
+                binary: "patchbay-gateway",
+                identity: Some(Identity::new("gateway", "gateway")?),
+                args: vec!["--listen".into(), listen],
+                env: vec![],
+                admin: String::new(),
+            });
+            workloads.push(Workload {
+                label: "routing".into(),
+                binary: "patchbay-routing",
+                identity: Some(Identity::new("service", "routing")?),
+                args: vec!["--rules".into(), rules],
+                env: vec![],
+                admin: String::new(),
+            });
+            workloads.push(Workload {
+                label: "agents".into(),
+                binary: "patchbay-agents",
+                identity: Some(Identity::new("service", "agents")?),
+                args: vec!["run".into(), "--config".into(), agents],
+                env: vec![],
+                admin: String::new(),
+            });
+        }
+    }
+    Ok(workloads)
 }
 
 /// Apply `<deploy>/resilience.toml` (if there is one) before the services start, so they

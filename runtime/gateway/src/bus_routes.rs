@@ -4,7 +4,20 @@
 //! turns the HTTP request into a CloudEvent (both content modes of the CloudEvents HTTP
 //! binding), derives the bus deadline from `Request-Timeout` (or the default), and maps
 //! what the bus says into a status and an RFC 9457 problem.
+//!
+//! **The gateway's own permissions.** Before anything is published the subject is checked
+//! against what the gateway's bus identity may publish ([`BusGrants`]): the host rules of
+//! the `gateway` group that the admin bootstrap renders from deploy/access.toml and stores
+//! in the `patchbay-access` bucket, read at start and watched (a new bootstrap applies
+//! without a restart). A subject outside them is answered `403` problem `bus-permission`
+//! naming what the identity may publish, or who owns the subject — instead of `202`: NATS
+//! drops a refused core publish without telling the publisher. When no rules are stored
+//! (a bus bootstrapped before they were, or none at all) the gateway says so in its log and
+//! works as before: refused stream publishes and requests are still caught from the
+//! server's `Permissions Violation` notice, refused core publishes are not.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::Json;
@@ -15,11 +28,11 @@ use futures::StreamExt as _;
 use http::{HeaderMap, StatusCode};
 use patchbay_bus::client::{PublishError, RequestError, RequestErrorKind};
 use patchbay_bus::event::STRUCTURED_CONTENT_TYPE;
+use patchbay_bus::reply::{ErrorKind, FailureReply, InvokeReply, OUTCOME_HEADER};
 use patchbay_bus::resilience::{AttemptError, AttemptFailed, CallError, FailureKind, Target};
 use patchbay_bus::subject::SubjectError;
 use patchbay_bus::{BusNotice, CloudEvent, Deadline, EventError, Token};
-use patchbay_host::reply::{ErrorKind, FailureReply, InvokeReply, OUTCOME_HEADER};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
@@ -122,7 +135,7 @@ pub struct StructuredCloudEvent {
         (status = 202, description = "Published on a core subject (at most once)", body = Published),
         (status = 400, description = "Not a valid CloudEvent or subject, or a bad Request-Timeout", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "The token may not publish here, the subject is in a reserved namespace (`$`, `_INBOX`), or the gateway's bus identity may not publish it", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The token may not publish here, the subject is in a reserved namespace (`$`, `_INBOX`), or the gateway's bus identity may not publish it (problem type `bus-permission`, checked before anything is published)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Batch mode is not accepted", body = ProblemBody, content_type = "application/problem+json"),
@@ -130,6 +143,7 @@ pub struct StructuredCloudEvent {
         (status = 431, description = "Request headers (or the event's attributes, in binary mode) too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The bus is unavailable, the target's circuit is open, or the gateway holds its maximum of connections", body = ProblemBody, content_type = "application/problem+json"),
         (status = 504, description = "The stream did not acknowledge before the deadline", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 508, description = "The request's `patchbay-hops` chain is at the hop limit (problem type `hop-limit`, naming the chain)", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -140,8 +154,24 @@ pub async fn publish_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
+    let hops = crate::functions::enter_hop(&state, &headers, "gateway")?;
+    patchbay_bus::hops::scope(
+        hops,
+        publish_in_chain(state, subject, caller, headers, body),
+    )
+    .await
+}
+
+async fn publish_in_chain(
+    state: Shared,
+    subject: String,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
     check_subject(&subject)?;
     caller.may_publish(&subject)?;
+    state.grants.check(&subject)?;
     let deadline = deadline(&state, &headers)?;
     let data = read_body(&state, body, &headers).await?;
     let event = cloud_event(&headers, data)?;
@@ -208,7 +238,7 @@ pub async fn publish_event(
         (status = 200, description = "The reply"),
         (status = 400, description = "Not a valid subject or CloudEvent, a bad Request-Timeout, or the responder refused the input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "The token may not publish here, the subject is in a reserved namespace (`$`, `_INBOX`), or the gateway's bus identity may not publish it", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The token may not publish here, the subject is in a reserved namespace (`$`, `_INBOX`), or the gateway's bus identity may not publish it (problem type `bus-permission`, checked before anything is published)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "A runtime node answered that no such function is deployed", body = ProblemBody, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
@@ -219,6 +249,7 @@ pub async fn publish_event(
         (status = 500, description = "The responder failed", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "No responders, the target's circuit is open, or the gateway holds its maximum of connections", body = ProblemBody, content_type = "application/problem+json"),
         (status = 504, description = "Deadline passed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 508, description = "The request's `patchbay-hops` chain is at the hop limit (problem type `hop-limit`, naming the chain)", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -231,8 +262,10 @@ pub async fn request(
 ) -> Result<Response, Problem> {
     check_subject(&subject)?;
     caller.may_publish(&subject)?;
+    state.grants.check(&subject)?;
     let full = state.bus.subjects().full(&subject);
-    forward(&state, &full, &headers, body).await
+    let hops = crate::functions::enter_hop(&state, &headers, "gateway")?;
+    patchbay_bus::hops::scope(hops, forward(&state, &full, &headers, body)).await
 }
 
 /// Invoke a deployed event function with one event and return its outputs.
@@ -254,7 +287,7 @@ pub async fn request(
         (status = 200, description = "The function's outputs (`outcome: ok`)"),
         (status = 400, description = "Not a valid function name or event, a bad Request-Timeout, or the function refused the input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "Token may not invoke this function", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 403, description = "The token may not invoke this function, or the gateway's bus identity may not send invocations", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such function (or it is an HTTP function)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
@@ -265,6 +298,7 @@ pub async fn request(
         (status = 500, description = "The function trapped or failed", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "No runtime node is serving, the function is at its concurrency limit or its circuit is open, or the gateway holds its maximum of connections", body = ProblemBody, content_type = "application/problem+json"),
         (status = 504, description = "Deadline passed", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 508, description = "The request's `patchbay-hops` chain is at the hop limit (problem type `hop-limit`, naming the chain)", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -284,7 +318,11 @@ pub async fn invoke(
         )));
     }
     let subject = state.bus.subjects().fn_invoke(&function);
-    forward(&state, &subject, &headers, body).await
+    state
+        .grants
+        .check(state.bus.subjects().strip(&subject).unwrap_or(&subject))?;
+    let hops = crate::functions::enter_hop(&state, &headers, "gateway")?;
+    patchbay_bus::hops::scope(hops, forward(&state, &subject, &headers, body)).await
 }
 
 /// Send the request, map the reply.
@@ -514,15 +552,241 @@ fn check_subject(subject: &str) -> Result<(), Problem> {
 /// 403 for a publish the NATS server refused: the gateway's own bus identity may not
 /// publish there (`deploy/access.toml`), so no token scope can help.
 fn bus_forbidden(subject: &str) -> Problem {
+    bus_permission().with_detail(format!(
+        "the bus refused the gateway's publish to {subject}: its identity has no permission \
+         for it (this is not a property of the API token)"
+    ))
+}
+
+/// KV bucket (declared in deploy/streams.toml) where the admin bootstrap stores the host
+/// rules of the access policy; the same name as `patchbay_cli::admission::ACCESS_BUCKET`.
+pub const ACCESS_BUCKET: &str = "patchbay-access";
+/// Key of the rules document in [`ACCESS_BUCKET`] (`patchbay_cli::admission::RULES_KEY`).
+pub const RULES_KEY: &str = "host-rules";
+/// The identity kind whose rules are the gateway's.
+const GATEWAY_KIND: &str = "gateway";
+
+/// What the gateway's bus identity may publish among application subjects (without the
+/// subject prefix): the `gateway` entry of the stored rules document — the group's
+/// `publish` patterns and the subjects other groups own. Read from the document
+/// `patchbay_cli::admission::StoredRules` writes (whose test checks that this reading
+/// agrees with the nats-server permissions rendered from the same policy).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BusGrants {
+    /// The group in deploy/access.toml.
+    pub group: String,
+    /// Patterns the group may publish.
+    pub publish: Vec<String>,
+    /// Patterns other groups own, which the group may never publish.
+    #[serde(default)]
+    pub owned: Vec<OwnedBy>,
+}
+
+/// A subject pattern some other group owns.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OwnedBy {
+    /// The owning group.
+    pub group: String,
+    /// The pattern.
+    pub subject: String,
+}
+
+/// Why the gateway's bus identity may not publish a subject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotGranted {
+    /// No `publish` pattern of the group matches.
+    #[error(
+        "the gateway's bus identity (group {group:?} of the access policy) may publish {allowed}; {subject:?} is not covered"
+    )]
+    NotCovered {
+        /// The group.
+        group: String,
+        /// The subject.
+        subject: String,
+        /// The group's patterns, comma-separated.
+        allowed: String,
+    },
+    /// Another group owns it.
+    #[error(
+        "{subject:?} is owned by {owner} ({pattern}): only {owner} may publish it, not the gateway's bus identity"
+    )]
+    Owned {
+        /// The subject.
+        subject: String,
+        /// The owned pattern.
+        pattern: String,
+        /// The owning group.
+        owner: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct RulesDocument {
+    hosts: BTreeMap<String, BusGrants>,
+}
+
+impl BusGrants {
+    /// The gateway's grants in a stored rules document; `Ok(None)` when the document has
+    /// no rules for gateways.
+    pub fn from_document(document: &[u8]) -> Result<Option<Self>, serde_json::Error> {
+        let mut doc: RulesDocument = serde_json::from_slice(document)?;
+        Ok(doc.hosts.remove(GATEWAY_KIND))
+    }
+
+    /// Whether the gateway's identity may publish the literal `subject` (without the
+    /// prefix), by the rule nats-server applies: an allow matches and no deny does.
+    pub fn check(&self, subject: &str) -> Result<(), NotGranted> {
+        use patchbay_bus::pattern::matches;
+        if let Some(owned) = self.owned.iter().find(|o| matches(&o.subject, subject)) {
+            return Err(NotGranted::Owned {
+                subject: subject.to_owned(),
+                pattern: owned.subject.clone(),
+                owner: owned.group.clone(),
+            });
+        }
+        if self.publish.iter().any(|p| matches(p, subject)) {
+            return Ok(());
+        }
+        Err(NotGranted::NotCovered {
+            group: self.group.clone(),
+            subject: subject.to_owned(),
+            allowed: self.publish.join(", "),
+        })
+    }
+}
+
+/// The gateway's [`BusGrants`] as currently stored, or none (then nothing is refused up
+/// front; see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct GatewayGrants {
+    current: Arc<RwLock<Option<Arc<BusGrants>>>>,
+}
+
+impl GatewayGrants {
+    /// Grants fixed to `grants` (`None`: no up-front check), not watched.
+    #[must_use]
+    pub fn fixed(grants: Option<BusGrants>) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(grants.map(Arc::new))),
+        }
+    }
+
+    /// Read the stored rules from `bus` and keep following them; without a bucket or a
+    /// document, log a warning and check nothing up front.
+    pub async fn load(bus: &patchbay_bus::Bus) -> Self {
+        let grants = Self::default();
+        let store = match bus.jetstream().get_key_value(ACCESS_BUCKET).await {
+            Ok(store) => store,
+            Err(e) => {
+                tracing::warn!(
+                    bucket = ACCESS_BUCKET,
+                    error = %e,
+                    "no stored access policy: publishes the gateway's identity may not make are                      not refused up front (core publishes NATS refuses answer 202 and are                      dropped); run `patchbay bootstrap` and restart the gateway"
+                );
+                return grants;
+            }
+        };
+        let next = match store.entry(RULES_KEY).await {
+            Ok(entry) => {
+                let entry =
+                    entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put);
+                match &entry {
+                    Some(e) => grants.apply(&e.value),
+                    None => tracing::warn!(
+                        bucket = ACCESS_BUCKET,
+                        key = RULES_KEY,
+                        "no stored access policy: publishes the gateway's identity may not make                          are not refused up front until `patchbay bootstrap` stores it"
+                    ),
+                }
+                entry.map_or(0, |e| e.revision) + 1
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored access policy; watching for it");
+                0
+            }
+        };
+        let watched = grants.clone();
+        tokio::spawn(async move { watched.follow(store, next).await });
+        grants
+    }
+
+    /// Apply every later change of the document (from revision `from`).
+    async fn follow(&self, store: async_nats::jetstream::kv::Store, from: u64) {
+        use async_nats::jetstream::kv::Operation;
+        use futures::StreamExt as _;
+        let watch = if from == 0 {
+            store.watch_with_history(RULES_KEY).await
+        } else {
+            store.watch_from_revision(RULES_KEY, from).await
+        };
+        let mut watch = match watch {
+            Ok(watch) => watch,
+            Err(e) => {
+                return tracing::warn!(error = %e, "cannot watch the stored access policy; keeping what was read");
+            }
+        };
+        while let Some(entry) = watch.next().await {
+            match entry {
+                Ok(entry) if entry.operation == Operation::Put => self.apply(&entry.value),
+                Ok(_) => {
+                    tracing::warn!(
+                        "the stored access policy was removed: no up-front check of publishes"
+                    );
+                    *self.current.write().unwrap_or_else(PoisonError::into_inner) = None;
+                }
+                Err(e) => tracing::warn!(error = %e, "watch of the stored access policy failed"),
+            }
+        }
+    }
+
+    fn apply(&self, document: &[u8]) {
+        match BusGrants::from_document(document) {
+            Ok(grants) => {
+                if grants.is_none() {
+                    tracing::warn!(
+                        "the stored access policy has no rules for gateways: no up-front check of publishes"
+                    );
+                } else {
+                    tracing::info!("publishes checked against the stored access policy");
+                }
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+                    grants.map(Arc::new);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable stored access policy; keeping the previous one")
+            }
+        }
+    }
+
+    /// The grants in force, if any.
+    #[must_use]
+    pub fn current(&self) -> Option<Arc<BusGrants>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `403` problem `bus-permission` when the gateway's identity may not publish
+    /// `subject` (without the prefix); `Ok` when it may, or when no grants are stored.
+    pub(crate) fn check(&self, subject: &str) -> Result<(), Problem> {
+        match self.current() {
+            Some(grants) => grants.check(subject).map_err(|refusal| {
+                bus_permission().with_detail(format!(
+                    "{refusal} (this is not a property of the API token)"
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn bus_permission() -> Problem {
     Problem::typed(
         StatusCode::FORBIDDEN,
         "bus-permission",
         "The gateway may not publish to this subject",
     )
-    .with_detail(format!(
-        "the bus refused the gateway's publish to {subject}: its identity has no permission \
-         for it (this is not a property of the API token)"
-    ))
 }
 
 /// Resolves when the connection reports that the server refused a publish to `subject`

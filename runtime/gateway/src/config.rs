@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use patchbay_bus::BusConfig;
-use patchbay_host::EngineConfig;
+use patchbay_engine::EngineConfig;
 
 /// How a gateway runs.
 #[derive(Debug, Clone)]

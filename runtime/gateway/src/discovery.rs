@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use patchbay_bus::discovery::{self, Discovery, EndpointReport, Registration};
-use patchbay_host::discovery::{Labels, counter_children, has, histogram_sums, seconds};
+use patchbay_bus::discovery::{Labels, counter_children, has, histogram_sums, seconds};
 
 use crate::server::{AppState, Shared};
 

@@ -33,6 +33,7 @@ pub mod openapi;
 pub mod problem;
 pub mod ratelimit;
 pub mod server;
+pub mod service;
 pub mod token;
 
 pub use config::{GatewayConfig, TlsFiles};

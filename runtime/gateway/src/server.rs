@@ -13,8 +13,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use patchbay_bus::Bus;
 use patchbay_bus::resilience::Resilience;
-use patchbay_host::Engine;
-use patchbay_host::registry::Registry;
+use patchbay_engine::Engine;
+use patchbay_registry::Registry;
 use patchbay_telemetry::{Metrics, ReadyFlag};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -24,7 +24,7 @@ use tower::ServiceExt as _;
 use crate::body::IdleTimeoutBody;
 use crate::config::{GatewayConfig, TlsFiles};
 use crate::connections::ConnectionLimits;
-use crate::functions::HttpFunctions;
+use crate::functions::{FunctionMetrics, HttpFunctions};
 use crate::observe::{GatewayMetrics, observe};
 use crate::ratelimit::RateLimiter;
 use crate::token::TokenStore;
@@ -66,9 +66,13 @@ pub struct AppState {
     pub(crate) metrics: GatewayMetrics,
     pub(crate) streams: StreamIndex,
     pub(crate) functions: HttpFunctions,
+    /// Shed HTTP function requests (the runtime nodes' `patchbay_fn_shed_total`).
+    pub(crate) function_metrics: FunctionMetrics,
     pub(crate) engine: Engine,
     /// Resilience policies of requests, invocations and HTTP function routes.
     pub(crate) resilience: Resilience,
+    /// What the gateway's own bus identity may publish (see [`crate::bus_routes`]).
+    pub(crate) grants: crate::bus_routes::GatewayGrants,
 }
 
 /// What handlers receive.
@@ -197,7 +201,9 @@ pub async fn run(
     let resilience = Resilience::start(&bus, metrics)
         .await
         .map_err(|e| setup("resilience metrics")(&e))?;
+    let grants = crate::bus_routes::GatewayGrants::load(&bus).await;
     let state = Arc::new(AppState {
+        grants,
         resilience,
         metrics: GatewayMetrics::new(metrics).map_err(|e| setup("metrics")(&e))?,
         bus,
@@ -205,6 +211,8 @@ pub async fn run(
         limiter,
         streams: StreamIndex::default(),
         functions: HttpFunctions::default(),
+        function_metrics: FunctionMetrics::register(metrics)
+            .map_err(|e| setup("function metrics")(&e))?,
         engine,
         config,
     });

@@ -3,7 +3,10 @@
 //! function it serves.
 //!
 //! A function endpoint is named after the function, on its invoke subject, with metadata
-//! `function`, `version`, `trigger` and `digest` of the version served now. Its counters
+//! `function`, `version`, `trigger` and `digest` of the version served now, and
+//! `failed` (`patchbay_bus::discovery::FAILED`, also the STATS `last_error`) with the
+//! server's refusal when its trigger's subscription was refused (see
+//! [`crate::triggers::status`]): the function is loaded but its trigger never fires. Its counters
 //! cover every invocation of the function on this node since the node started, whatever
 //! the trigger or version: `num_requests` = invocations + messages refused as bad input,
 //! `num_errors` = those that failed — every outcome but `ok` and the function's own `drop`
@@ -17,63 +20,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use patchbay_bus::discovery::{self, Discovery, EndpointReport, Registration};
-use prometheus::core::Collector as _;
-use prometheus::{HistogramVec, IntCounterVec};
+use patchbay_bus::discovery::{
+    self, Discovery, EndpointReport, Registration, counter_children, has, histogram_sums, seconds,
+};
 
 use crate::node::Node;
 
 /// The micro service name of runtime nodes.
 pub const SERVICE_NAME: &str = "patchbay-runtime";
-
-/// Labels of one metric child.
-pub type Labels = BTreeMap<String, String>;
-
-/// Every child of a counter vector with its labels and value.
-#[must_use]
-pub fn counter_children(vec: &IntCounterVec) -> Vec<(Labels, u64)> {
-    vec.collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .map(|m| {
-            // Counters are integers kept as f64 by the exposition model.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let value = m.get_counter().get_value().max(0.0) as u64;
-            (labels(m), value)
-        })
-        .collect()
-}
-
-/// Every child of a histogram vector with its labels and sum of observations, in seconds.
-#[must_use]
-pub fn histogram_sums(vec: &HistogramVec) -> Vec<(Labels, f64)> {
-    vec.collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .map(|m| (labels(m), m.get_histogram().get_sample_sum()))
-        .collect()
-}
-
-fn labels(m: &prometheus::proto::Metric) -> Labels {
-    m.get_label()
-        .iter()
-        .map(|l| (l.name().to_owned(), l.value().to_owned()))
-        .collect()
-}
-
-/// Whether a child's `label` is `value`.
-#[must_use]
-pub fn has(labels: &Labels, label: &str, value: &str) -> bool {
-    labels.get(label).is_some_and(|v| v == value)
-}
-
-/// Seconds as a duration, clamping what a histogram sum cannot mean (negative, NaN).
-#[must_use]
-pub fn seconds(total: f64) -> Duration {
-    Duration::try_from_secs_f64(total).unwrap_or_default()
-}
 
 /// Start answering discovery for `node` (a warning, not a failure, when that is refused).
 pub(crate) async fn register(node: &Arc<Node>) -> Option<Discovery> {
@@ -116,16 +71,20 @@ fn endpoints(node: &Node) -> Vec<EndpointReport> {
                 .filter(|(labels, _)| has(labels, "function", name))
                 .map(|(_, sum)| sum)
                 .sum();
+            let mut metadata = BTreeMap::from([
+                ("function".to_owned(), name.to_owned()),
+                ("version".to_owned(), f.spec.version.to_string()),
+                ("trigger".to_owned(), f.spec.trigger.to_string()),
+                ("digest".to_owned(), f.spec.digest.clone()),
+            ]);
+            if let Some(why) = crate::triggers::status::trigger_failure(node, f) {
+                metadata.insert(discovery::FAILED.to_owned(), why);
+            }
             EndpointReport {
                 name: name.to_owned(),
                 subject: node.bus.subjects().fn_invoke(&f.name),
                 queue_group: crate::triggers::invoke::QUEUE_GROUP.to_owned(),
-                metadata: BTreeMap::from([
-                    ("function".to_owned(), name.to_owned()),
-                    ("version".to_owned(), f.spec.version.to_string()),
-                    ("trigger".to_owned(), f.spec.trigger.to_string()),
-                    ("digest".to_owned(), f.spec.digest.clone()),
-                ]),
+                metadata,
                 requests: total + refused,
                 errors: total - ok - dropped + refused,
                 processing_time: seconds(time),

@@ -16,12 +16,15 @@ use patchbay_bus::resilience::{AttemptError, CallError, Rejected};
 use patchbay_bus::{CloudEvent, Deadline, RequestErrorKind, Subjects};
 use serde::{Deserialize, Serialize};
 
-use crate::capabilities::HostCapabilities;
-use crate::engine::{Invocation, InvokeErrorKind};
-use crate::limits::MemoryReservation;
 use crate::node::{Deployed, Node, Outcome};
 use crate::reply::{ErrorKind, FailureReply};
-use crate::world::{BusError, Event, Failure, KvError, Level};
+use patchbay_engine::capabilities::{HostCapabilities, validate_kv_key};
+use patchbay_engine::engine::{Invocation, InvokeErrorKind};
+use patchbay_engine::limits::MemoryReservation;
+use patchbay_engine::world::{BusError, Event, Failure, KvError, Level};
+
+/// Longest a function's `kv.keys()` may take (less when its deadline is sooner).
+const KEYS_LIMIT: Duration = Duration::from_secs(5);
 
 /// A `patchbay.v1.fn.<name>.logs` record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,10 +219,15 @@ impl NatsCapabilities {
     }
 
     async fn kv(&self) -> Result<async_nats::jetstream::kv::Store, KvError> {
-        self.node
-            .bucket(&self.function.name)
-            .await
-            .map_err(KvError::Other)
+        self.node.bucket().await.map_err(KvError::Other)
+    }
+
+    /// Where the function's `key` is stored in the shared state bucket: under its own
+    /// prefix, `<function>.<key>`. The key is checked here too (not only by the import), so
+    /// nothing but a valid key ever follows the prefix: no wildcard, no empty token.
+    fn state_key(&self, key: &str) -> Result<String, KvError> {
+        validate_kv_key(key)?;
+        Ok(patchbay_registry::state_key(&self.function.name, key))
     }
 }
 
@@ -310,6 +318,7 @@ impl HostCapabilities for NatsCapabilities {
 
     fn kv_get(&self, key: String) -> BoxFuture<'_, Result<Option<Vec<u8>>, KvError>> {
         Box::pin(async move {
+            let key = self.state_key(&key)?;
             let kv = self.kv().await?;
             kv.get(key)
                 .await
@@ -320,6 +329,7 @@ impl HostCapabilities for NatsCapabilities {
 
     fn kv_set(&self, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<u64, KvError>> {
         Box::pin(async move {
+            let key = self.state_key(&key)?;
             let kv = self.kv().await?;
             kv.put(key, value.into())
                 .await
@@ -329,6 +339,7 @@ impl HostCapabilities for NatsCapabilities {
 
     fn kv_delete(&self, key: String) -> BoxFuture<'_, Result<(), KvError>> {
         Box::pin(async move {
+            let key = self.state_key(&key)?;
             let kv = self.kv().await?;
             kv.delete(key)
                 .await
@@ -338,12 +349,16 @@ impl HostCapabilities for NatsCapabilities {
 
     fn kv_keys(&self) -> BoxFuture<'_, Result<Vec<String>, KvError>> {
         Box::pin(async move {
-            use futures::TryStreamExt as _;
             let kv = self.kv().await?;
-            let keys = kv.keys().await.map_err(|e| KvError::Other(e.to_string()))?;
-            keys.try_collect()
+            // Only the function's own keys, without the prefix; within its deadline.
+            let limit = match self.deadline {
+                Some(d) => d.remaining(self.node.bus.clock()).unwrap_or_default(),
+                None => KEYS_LIMIT,
+            }
+            .min(KEYS_LIMIT);
+            patchbay_registry::state_keys(self.node.bus.client(), &kv, &self.function.name, limit)
                 .await
-                .map_err(|e| KvError::Other(e.to_string()))
+                .map_err(KvError::Other)
         })
     }
 

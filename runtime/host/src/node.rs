@@ -23,12 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::engine::{Engine, EngineConfig, FunctionCode};
-use crate::limits::{BudgetError, MemoryReservation};
 use crate::metrics::HostMetrics;
-use crate::registry::{FunctionSpec, Registry, RegistryError, Trigger, VersionSpec};
 use crate::reply::{ErrorKind, FailureReply};
 use crate::triggers;
+use patchbay_engine::engine::{Engine, EngineConfig, FunctionCode};
+use patchbay_engine::limits::{BudgetError, MemoryReservation};
+use patchbay_registry::{Change, FunctionSpec, Registry, RegistryError, Trigger, VersionSpec};
 
 /// How to run a node.
 #[derive(Debug, Clone)]
@@ -83,11 +83,11 @@ pub(crate) struct Deployed {
     /// memory limit, cut to the engine's per-instance ceiling.
     pub memory_bytes: u64,
     /// The version's limits in the engine's terms.
-    pub limits: crate::limits::Limits,
+    pub limits: patchbay_engine::limits::Limits,
     /// The version's configuration, shared by every invocation.
     pub config: Arc<std::collections::BTreeMap<String, String>>,
     /// The version's publish allow-list.
-    pub allow: crate::capabilities::PublishAllowList,
+    pub allow: patchbay_engine::capabilities::PublishAllowList,
     /// Its metric children.
     pub metrics: crate::metrics::VersionMetrics,
 }
@@ -148,10 +148,13 @@ pub(crate) struct Node {
     pub shutdown: CancellationToken,
     functions: RwLock<HashMap<String, Arc<Deployed>>>,
     code_cache: Mutex<HashMap<String, FunctionCode>>,
-    buckets: tokio::sync::Mutex<HashMap<String, kv::Store>>,
+    /// The function state bucket, opened on first use.
+    state: tokio::sync::OnceCell<kv::Store>,
     triggers: Mutex<HashMap<String, RunningTrigger>>,
     /// Canary versions served beside the active ones (see [`crate::canary`]).
     pub(crate) canaries: crate::canary::Canaries,
+    /// Trigger subscriptions the server refused (see [`triggers::status`]).
+    pub(crate) refusals: triggers::status::Refusals,
 }
 
 /// Run a node until `shutdown` resolves, then drain: every trigger stops taking new work
@@ -170,6 +173,8 @@ pub async fn run(
         Engine::new(config.engine.clone()).map_err(|e| NodeError::Engine(e.to_string()))?;
     let registry = Registry::open(&bus.jetstream()).await?;
     let resilience = patchbay_bus::resilience::Resilience::start(&bus, metrics).await?;
+    // Before any trigger subscribes, so that no refusal is missed.
+    let refusals = triggers::status::Refusals::watch(&bus);
     let node = Arc::new(Node {
         name: config.node.clone(),
         bus,
@@ -181,9 +186,10 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         functions: RwLock::default(),
         code_cache: Mutex::default(),
-        buckets: tokio::sync::Mutex::default(),
+        state: tokio::sync::OnceCell::new(),
         triggers: Mutex::default(),
         canaries: crate::canary::Canaries::default(),
+        refusals,
     });
 
     node.load_verdicts().await;
@@ -277,29 +283,15 @@ impl Node {
     }
 
     async fn watch_registry(self: Arc<Self>) -> Result<(), NodeError> {
-        let mut watch = self
-            .registry
-            .specs()
-            .watch_with_history(">")
-            .await
-            .map_err(|e| NodeError::Nats {
-                operation: "watch the function registry",
-                reason: e.to_string(),
-            })?;
-        while let Some(entry) = watch.next().await {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
-                    tracing::warn!(error = %e, "registry watch error");
-                    continue;
-                }
-            };
-            match entry.operation {
-                kv::Operation::Put => match crate::registry::decode(&entry.key, &entry.value) {
-                    Ok(spec) => self.apply(spec).await,
-                    Err(e) => tracing::error!(error = %e, "ignoring corrupt function spec"),
-                },
-                kv::Operation::Delete | kv::Operation::Purge => self.remove(&entry.key),
+        let changes = self.registry.changes().await.map_err(|e| NodeError::Nats {
+            operation: "watch the function registry",
+            reason: e.to_string(),
+        })?;
+        let mut changes = std::pin::pin!(changes);
+        while let Some(change) = changes.next().await {
+            match change {
+                Change::Stored(spec) => self.apply(spec).await,
+                Change::Removed(name) => self.remove(&name),
             }
         }
         Ok(())
@@ -373,17 +365,17 @@ impl Node {
                 return None;
             }
         };
-        let allow = match crate::capabilities::PublishAllowList::new(&version.publish) {
+        let allow = match patchbay_engine::capabilities::PublishAllowList::new(&version.publish) {
             Ok(allow) => allow,
             Err(e) => {
                 tracing::error!(version = version.version, error = %e, "ignoring function version with an invalid allow-list");
                 return None;
             }
         };
-        let limits = crate::limits::Limits {
+        let limits = patchbay_engine::limits::Limits {
             timeout: version.limits.timeout(),
             max_memory_bytes: usize::try_from(version.limits.memory_bytes).unwrap_or(usize::MAX),
-            ..crate::limits::Limits::default()
+            ..patchbay_engine::limits::Limits::default()
         };
         let (memory_bytes, concurrency) = self.memory_plan(version, &limits)?;
         Some(Arc::new(Deployed {
@@ -409,7 +401,7 @@ impl Node {
     fn memory_plan(
         &self,
         version: &VersionSpec,
-        limits: &crate::limits::Limits,
+        limits: &patchbay_engine::limits::Limits,
     ) -> Option<(u64, u32)> {
         let budget = self.engine.memory_budget();
         let memory_bytes = self.engine.instance_memory_bytes(limits) as u64;
@@ -423,7 +415,8 @@ impl Node {
             );
         }
         let wanted = version.limits.max_concurrency.max(1);
-        let Some(concurrency) = crate::limits::effective_concurrency(budget, memory_bytes, wanted)
+        let Some(concurrency) =
+            patchbay_engine::limits::effective_concurrency(budget, memory_bytes, wanted)
         else {
             tracing::error!(
                 version = version.version,
@@ -527,21 +520,21 @@ impl Node {
         Ok(code)
     }
 
-    /// The KV bucket of function `name` (created by `fn deploy`), opened once.
-    pub(crate) async fn bucket(&self, name: &Token) -> Result<kv::Store, String> {
-        let bucket = crate::registry::function_bucket(name);
-        let mut buckets = self.buckets.lock().await;
-        if let Some(store) = buckets.get(&bucket) {
-            return Ok(store.clone());
-        }
-        let store = self
-            .bus
-            .jetstream()
-            .get_key_value(&bucket)
+    /// The bucket holding every function's state ([`patchbay_registry::FUNCTION_STATE_BUCKET`],
+    /// declared in deploy/streams.toml), opened once; a function reaches only its own keys
+    /// in it (see [`patchbay_registry::state_key`]).
+    pub(crate) async fn bucket(&self) -> Result<kv::Store, String> {
+        let bucket = patchbay_registry::FUNCTION_STATE_BUCKET;
+        self.state
+            .get_or_try_init(|| async {
+                self.bus
+                    .jetstream()
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|e| format!("open bucket {bucket} (run `patchbay bootstrap`): {e}"))
+            })
             .await
-            .map_err(|e| format!("open bucket {bucket}: {e}"))?;
-        buckets.insert(bucket, store.clone());
-        Ok(store)
+            .cloned()
     }
 
     /// Wait until the memory budget has room for an invocation of `function`'s served

@@ -23,7 +23,8 @@ struct AdminState {
 /// * `GET /metrics` — [`Metrics::encode`] negotiated on the `Accept` header;
 /// * `GET /healthz` — liveness: `200 ok` while the process can answer at all;
 /// * `GET /readyz` — readiness: `200` when every [`Health`] check is ready, else `503`; the
-///   JSON body is `{"ready": bool, "not_ready": [names]}` either way.
+///   JSON body is `{"ready": bool, "not_ready": [names], "checks": {name: bool}}` either
+///   way (a process running several services names each service's checks after it).
 ///
 /// No tracing or logging layer: probes and scrapes every few seconds would drown real spans.
 pub fn admin_router(metrics: Metrics, health: Health) -> Router {
@@ -53,7 +54,17 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({ "ready": not_ready.is_empty(), "not_ready": not_ready });
+    let checks: serde_json::Map<String, serde_json::Value> = state
+        .health
+        .checks()
+        .into_iter()
+        .map(|(name, ready)| (name, ready.into()))
+        .collect();
+    let body = serde_json::json!({
+        "ready": not_ready.is_empty(),
+        "not_ready": not_ready,
+        "checks": checks,
+    });
     (status, axum::Json(body)).into_response()
 }
 
@@ -161,14 +172,17 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({ "ready": false, "not_ready": ["nats"] })
+            serde_json::json!({ "ready": false, "not_ready": ["nats"], "checks": { "nats": false } })
         );
 
         nats.set_ready(true);
         let (status, _, body) = get_path(router, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(json, serde_json::json!({ "ready": true, "not_ready": [] }));
+        assert_eq!(
+            json,
+            serde_json::json!({ "ready": true, "not_ready": [], "checks": { "nats": true } })
+        );
     }
 
     #[tokio::test]

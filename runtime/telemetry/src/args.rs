@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use crate::config::{LogFormat, TelemetryConfig};
 use crate::{
-    Health, Metrics, ReadyFlag, TelemetryError, TelemetryGuard, admin_router, serve_admin,
+    Health, Metrics, ServiceContext, TelemetryError, TelemetryGuard, admin_router, serve_admin,
 };
 
 /// Logging and admin-listener flags.
@@ -64,34 +64,40 @@ impl TelemetryArgs {
 }
 
 /// What every binary starts with: telemetry installed (keep `guard` alive until exit), the
-/// process's metrics registry (with the span-export counters) and its readiness flag.
+/// process's metrics registry (with the span-export counters) and its readiness checks.
 #[derive(Debug)]
 pub struct Started {
     /// Flushes queued spans when dropped.
     pub guard: TelemetryGuard,
     /// The process's registry, served on `/metrics`.
     pub metrics: Metrics,
-    /// The component's readiness, served on `/readyz`.
-    pub ready: ReadyFlag,
+    /// The process's readiness checks, served on `/readyz` (none yet: the service
+    /// registers its own through [`Started::alone`]).
+    pub health: Health,
+}
+
+impl Started {
+    /// The context of `service` as the only service of this process.
+    #[must_use]
+    pub fn alone(&self, service: &str) -> ServiceContext {
+        ServiceContext::alone(service, self.metrics.clone(), self.health.clone())
+    }
 }
 
 impl TelemetryArgs {
     /// The start-up every Patchbay binary shares: install telemetry for `service`
     /// (instance `instance`, OTLP from the `OTEL_*` variables `lookup` returns and the
-    /// flags), create the metrics registry and a readiness flag named `readiness`, and
-    /// serve `/metrics`, `/healthz` and `/readyz` on `--admin-listen` until SIGINT/SIGTERM.
+    /// flags), create the metrics registry and the readiness checks, and serve `/metrics`, `/healthz` and `/readyz` on `--admin-listen` until SIGINT/SIGTERM.
     pub async fn start(
         &self,
         service: &str,
         instance: &str,
-        readiness: &str,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> crate::Result<Started> {
         let guard = crate::init(&self.config(service, instance, lookup)?)?;
         let metrics = Metrics::new();
         guard.register_metrics(&metrics)?;
         let health = Health::new();
-        let ready = health.register(readiness);
         let admin_error = |source| TelemetryError::AdminServe {
             address: self.admin_listen.to_string(),
             source,
@@ -103,13 +109,13 @@ impl TelemetryArgs {
         tracing::info!(%address, "admin listener (/metrics, /healthz, /readyz)");
         tokio::spawn(serve_admin(
             admin,
-            admin_router(metrics.clone(), health),
+            admin_router(metrics.clone(), health.clone()),
             shutdown_signal(),
         ));
         Ok(Started {
             guard,
             metrics,
-            ready,
+            health,
         })
     }
 }

@@ -29,6 +29,35 @@ impl Health {
         flag
     }
 
+    /// The check named `name`, registered if there is none, and set **not ready** either
+    /// way: what a service restarted inside its process calls, so that its checks are
+    /// the same ones `/readyz` already lists, not stale twins.
+    pub fn check(&self, name: &str) -> ReadyFlag {
+        let mut checks = self.lock();
+        if let Some(flag) = checks.iter().find(|flag| flag.name() == name) {
+            flag.set_ready(false);
+            return flag.clone();
+        }
+        let flag = ReadyFlag {
+            name: name.into(),
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        checks.push(flag.clone());
+        flag
+    }
+
+    /// Marks every check whose name starts with `prefix` not ready (a service whose task
+    /// ended: its checks stay listed, unready, until it is running again).
+    pub fn set_unready_below(&self, prefix: &str) {
+        for flag in self
+            .lock()
+            .iter()
+            .filter(|flag| flag.name().starts_with(prefix))
+        {
+            flag.set_ready(false);
+        }
+    }
+
     /// Names of the checks that are not ready, in registration order.
     #[must_use]
     pub fn not_ready(&self) -> Vec<String> {
@@ -36,6 +65,15 @@ impl Health {
             .iter()
             .filter(|flag| !flag.is_ready())
             .map(|flag| flag.name().to_owned())
+            .collect()
+    }
+
+    /// Every check with its state, in registration order.
+    #[must_use]
+    pub fn checks(&self) -> Vec<(String, bool)> {
+        self.lock()
+            .iter()
+            .map(|flag| (flag.name().to_owned(), flag.is_ready()))
             .collect()
     }
 

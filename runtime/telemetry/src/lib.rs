@@ -12,6 +12,8 @@
 //!   [`ExemplarCounterVec`] add trace-id exemplars to the OpenMetrics output;
 //! * [`TelemetryGuard::register_metrics`] exposes the span exporter's own counters
 //!   (`patchbay_telemetry_spans_exported_total`, `patchbay_telemetry_spans_dropped_total`);
+//! * [`ServiceContext`] is what a process hands each service it runs (its registry, its
+//!   readiness checks), alone or sharing the process with others;
 //! * [`Health`] collects readiness checks; [`admin_router`] and [`serve_admin`] serve
 //!   `/metrics`, `/healthz` and `/readyz` on a separate admin listener.
 //!
@@ -28,6 +30,7 @@ mod config;
 mod exemplar;
 mod health;
 mod metrics;
+mod service;
 mod span_export;
 mod traces;
 
@@ -43,8 +46,9 @@ pub use exemplar::{
 pub use health::{Health, ReadyFlag};
 pub use metrics::{
     CLASSIC_TEXT_CONTENT_TYPE, DURATION_BUCKETS_SECONDS, METRIC_PREFIX, Metrics,
-    OPENMETRICS_CONTENT_TYPE,
+    OPENMETRICS_CONTENT_TYPE, SERVICE_LABEL,
 };
+pub use service::ServiceContext;
 pub use traces::{SPAN_QUEUE_CAPACITY, TelemetryGuard, init};
 
 /// What can go wrong while setting up or running telemetry.

@@ -13,7 +13,7 @@ use crate::exemplar::{Exemplar, ExemplarCounterVec, ExemplarHistogramVec, Exempl
 use crate::{Result, TelemetryError};
 
 /// Every Patchbay metric name starts with this. The prefix is part of each name (not added
-/// by the registry), so the name in code, in DESIGN.md and in Prometheus is the same string.
+/// by the registry), so the name in code, in docs/architecture.md and in Prometheus is the same string.
 pub const METRIC_PREFIX: &str = "patchbay_";
 /// Content type of the classic Prometheus text format (the default).
 pub const CLASSIC_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -36,18 +36,49 @@ pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
 /// Families made with [`Metrics::histogram_vec_with_exemplars`] or
 /// [`Metrics::counter_vec_with_exemplars`] carry exemplars (`# {trace_id="…"} value
 /// timestamp`) in OpenMetrics output; the classic text format has no exemplars.
+///
+/// A process that runs several services ([`Metrics::for_service`]) gives each its own
+/// registry whose series all carry `service="<name>"`; `/metrics` serves them merged, one
+/// family block per name, so the same families from two services stay one valid exposition.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     registry: Registry,
     /// Exemplar side tables by family name (`prometheus` 0.14 has no exemplar support).
     exemplars: Arc<RwLock<HashMap<String, Arc<ExemplarTable>>>>,
+    /// Per-service registries made with [`Metrics::for_service`], served with this one.
+    services: Arc<RwLock<Vec<(String, Metrics)>>>,
 }
+
+/// The label [`Metrics::for_service`] puts on every series of a service's registry.
+pub const SERVICE_LABEL: &str = "service";
 
 impl Metrics {
     /// An empty registry with no prefix and no constant labels (the scraper adds `instance`).
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry for the service `service` inside this process: every series it holds
+    /// carries `service="<service>"`, and this registry's `/metrics` serves it too. Two
+    /// services may register the same family (the bus metrics, say) without clashing.
+    /// Asking again for the same service replaces its registry (a restarted service
+    /// registers its families afresh, and its counters restart from zero).
+    pub fn for_service(&self, service: &str) -> Result<Self> {
+        let labels = HashMap::from([(SERVICE_LABEL.to_owned(), service.to_owned())]);
+        let registry = Registry::new_custom(None, Some(labels))
+            .map_err(|source| registration(SERVICE_LABEL, source))?;
+        let child = Self {
+            registry,
+            ..Self::default()
+        };
+        let mut services = self
+            .services
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        services.retain(|(name, _)| name != service);
+        services.push((service.to_owned(), child.clone()));
+        Ok(child)
     }
 
     /// The underlying registry, to register collectors the helpers do not cover.
@@ -149,24 +180,66 @@ impl Metrics {
     /// `application/openmetrics-text`, the classic text format otherwise (also without header).
     #[must_use]
     pub fn encode(&self, accept: Option<&str>) -> (&'static str, String) {
-        let families = self.registry.gather();
+        let services = self
+            .services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut families = self.registry.gather();
+        for (_, child) in &services {
+            families.extend(child.registry.gather());
+        }
+        let families = merge_families(families);
         if accept.is_some_and(prefers_openmetrics) {
-            let exemplars = self
-                .exemplars
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+            let own = self.exemplar_tables();
+            let by_service: HashMap<String, HashMap<String, Arc<ExemplarTable>>> = services
+                .iter()
+                .map(|(name, child)| (name.clone(), child.exemplar_tables()))
+                .collect();
+            let tables = |family: &str, metric: &Metric| {
+                let service = metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == SERVICE_LABEL)
+                    .and_then(|l| by_service.get(l.value()));
+                service.unwrap_or(&own).get(family).cloned()
+            };
             (
                 OPENMETRICS_CONTENT_TYPE,
-                encode_text(&families, Dialect::OpenMetrics, &exemplars),
+                encode_text(&families, Dialect::OpenMetrics, &tables),
             )
         } else {
             (
                 CLASSIC_TEXT_CONTENT_TYPE,
-                encode_text(&families, Dialect::Classic, &HashMap::new()),
+                encode_text(&families, Dialect::Classic, &|_, _| None),
             )
         }
     }
+
+    fn exemplar_tables(&self) -> HashMap<String, Arc<ExemplarTable>> {
+        self.exemplars
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// One family per name, sorted by name: the series of families gathered from several
+/// registries under one name are concatenated (the first family's help and type win).
+fn merge_families(families: Vec<MetricFamily>) -> Vec<MetricFamily> {
+    let mut merged: std::collections::BTreeMap<String, MetricFamily> = Default::default();
+    for family in families {
+        match merged.entry(family.name().to_owned()) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(family);
+            }
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                let metrics = family.get_metric().to_vec();
+                slot.get_mut().mut_metric().extend(metrics);
+            }
+        }
+    }
+    merged.into_values().collect()
 }
 
 fn registration(name: &str, source: prometheus::Error) -> TelemetryError {
@@ -245,7 +318,7 @@ enum Dialect {
 fn encode_text(
     families: &[MetricFamily],
     dialect: Dialect,
-    exemplars: &HashMap<String, Arc<ExemplarTable>>,
+    exemplars: &dyn Fn(&str, &Metric) -> Option<Arc<ExemplarTable>>,
 ) -> String {
     let om = dialect == Dialect::OpenMetrics;
     let mut out = String::new();
@@ -272,8 +345,8 @@ fn encode_text(
             MetricType::UNTYPED => "untyped",
         };
         let _ = writeln!(out, "# TYPE {family} {type_name}");
-        let table = if om { exemplars.get(name) } else { None };
         for m in mf.get_metric() {
+            let table = if om { exemplars(name, m) } else { None };
             let slots = table
                 .and_then(|t| {
                     let labels: Vec<(&str, &str)> = m
@@ -572,6 +645,54 @@ patchbay_queue_depth{queue=\"sales\\n\\\"eu\\\"\"} 2
 
         let (_, classic) = metrics.encode(None);
         assert!(!classic.contains("trace_id"), "{classic}");
+    }
+
+    #[test]
+    fn services_in_one_process_share_family_names_and_are_told_apart_by_label() {
+        let process = Metrics::new();
+        let trace_id =
+            opentelemetry::trace::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        for (service, n) in [("routing", 2), ("agents", 3)] {
+            let metrics = process.for_service(service).unwrap();
+            let published = metrics
+                .counter_vec_with_exemplars("patchbay_bus_published_total", "Published.", &["kind"])
+                .unwrap();
+            for _ in 0..n {
+                published.with_label_values(&["core"]).inc();
+            }
+            if service == "agents" {
+                published
+                    .with_label_values(&["core"])
+                    .inc_with_exemplar(Some(trace_id));
+            }
+        }
+        let (_, classic) = process.encode(None);
+        assert_eq!(
+            classic
+                .matches("# TYPE patchbay_bus_published_total")
+                .count(),
+            1,
+            "{classic}"
+        );
+        assert!(
+            classic.contains("patchbay_bus_published_total{kind=\"core\",service=\"routing\"} 2\n")
+        );
+        assert!(
+            classic.contains("patchbay_bus_published_total{kind=\"core\",service=\"agents\"} 4\n")
+        );
+
+        let (_, om) = process.encode(Some("application/openmetrics-text"));
+        let line = |service: &str| {
+            om.lines()
+                .find(|l| l.contains(&format!("service=\"{service}\"")))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(line("agents").contains("trace_id"), "{om}");
+        assert!(
+            !line("routing").contains("trace_id"),
+            "the exemplar is the agents service's: {om}"
+        );
     }
 
     #[test]

@@ -98,6 +98,15 @@
 //! input the engine [ignores](crate::Ignored) (a redelivery already reflected, a race) is
 //! acked, logged at debug level and counted.
 //!
+//! Each input enters its hop chain as `service/agents` ([`crate::batch`]): every output it
+//! decides is published with that chain (`patchbay-hops`), a timer's outputs with
+//! `service/agents` alone, and the outbox keeps the chains so a re-publish after a restart
+//! carries them too. An input whose chain is already at the hop limit (`--max-hops`) is a
+//! loop: dead-lettered with the chain, reason `hop-limit`. A panic while applying one input
+//! does not stop the service (which would be handed the same input again on restart): the
+//! engine goes back to the last persisted state, the batch is applied again without that
+//! input, and the input is dead-lettered with the panic message, reason `panic`.
+//!
 //! # Traces, statistics, shutdown
 //!
 //! Each input is handled in a `process` span continuing the trace it carries, and each of
@@ -114,7 +123,6 @@
 //! Not here: the decisions (the engine), the stored format (`store`), message decoding
 //! (`input`), creating streams, consumers or the bucket (the admin bootstrap).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -126,6 +134,7 @@ use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt as _, Stream, StreamExt as _};
 use patchbay_bus::discovery::{self, NoEndpoints, Registration};
 use patchbay_bus::dlq::{self, DeadLetter};
+use patchbay_bus::hops::HopChain;
 use patchbay_bus::trace;
 use patchbay_bus::{Bus, BusConfig, Clock, CloudEvent, SystemClock, Token};
 use patchbay_protocol::CcSubjects;
@@ -133,10 +142,11 @@ use patchbay_telemetry::{Metrics, ReadyFlag};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::engine::{Aggregate, Engine, EngineConfig, Ignored, Output};
-use crate::input::{self, BadInput, Decoded};
+use crate::batch::{self, Delivery, HOP_HANDLER, State, Verdict};
+use crate::engine::{Aggregate, EngineConfig, Ignored, Output};
+use crate::input;
 use crate::metrics::AgentsMetrics;
-use crate::store::{AppliedSeqs, SNAPSHOT_KEY, SnapshotStore, StoreError, Stored};
+use crate::store::{SNAPSHOT_KEY, SnapshotStore, StoreError, Stored};
 
 /// The stream of call events.
 pub const CALLS_STREAM: &str = "CC_CALLS";
@@ -244,7 +254,7 @@ pub async fn run(
     let mut store = SnapshotStore::open(&js, &config.bucket, SNAPSHOT_KEY, bus.max_payload())
         .await
         .context("cannot open the snapshot bucket")?;
-    let (engine, applied, outbox) = match store.load().await.context("cannot load the snapshot")? {
+    let (state, outbox) = match store.load().await.context("cannot load the snapshot")? {
         Some(stored) => {
             tracing::info!(
                 revision = store.revision(),
@@ -254,19 +264,15 @@ pub async fn run(
                 outbox = stored.outbox.len(),
                 "engine restored from the snapshot"
             );
+            let outbox = restored_outbox(&bus, stored.outbox, &stored.outbox_hops);
             (
-                Engine::restore(config.engine.clone(), stored.engine),
-                stored.applied,
-                stored.outbox,
+                State::restore(config.engine.clone(), stored.engine, stored.applied),
+                outbox,
             )
         }
         None => {
             tracing::info!("no snapshot yet: starting with an empty engine");
-            (
-                Engine::new(config.engine.clone()),
-                BTreeMap::new(),
-                Vec::new(),
-            )
+            (State::new(config.engine.clone()), Vec::new())
         }
     };
 
@@ -324,8 +330,7 @@ pub async fn run(
     let mut worker = Worker {
         bus: bus.clone(),
         cc,
-        engine,
-        applied,
+        state,
         store,
         sources,
         metrics,
@@ -511,19 +516,41 @@ async fn check_calls_filter(consumer: &mut PullConsumer, cc: &CcSubjects) {
     }
 }
 
-/// What became of one consumed message in a batch.
-enum Settle {
-    Ack(Message),
-    /// Refused: to the dead-letter stream with the reason, then terminated.
-    DeadLetter(Message, String, tracing::Span),
+/// An output on its way to its stream: the span it is published under and the hop chain
+/// it carries (its input's, extended by this service).
+struct Pending {
+    output: Output,
+    span: tracing::Span,
+    hops: HopChain,
+}
+
+/// The restored snapshot's outbox with the chains stored beside it (an output stored
+/// without one carries this service alone, as a timer's output does).
+fn restored_outbox(bus: &Bus, outbox: Vec<Output>, hops: &[String]) -> Vec<(Output, HopChain)> {
+    outbox
+        .into_iter()
+        .enumerate()
+        .map(|(i, output)| {
+            let hops = hops
+                .get(i)
+                .map_or_else(|| own_chain(bus), |text| batch::chain_of(text));
+            (output, hops)
+        })
+        .collect()
+}
+
+/// The chain of an output no input led to (a timer's): this service alone.
+fn own_chain(bus: &Bus) -> HopChain {
+    // An empty chain plus one handler is within any limit (the bus keeps it at least 1).
+    bus.enter_hop(None, HOP_HANDLER).unwrap_or_default()
 }
 
 /// The engine task's state.
 struct Worker {
     bus: Bus,
     cc: CcSubjects,
-    engine: Engine,
-    applied: BTreeMap<String, AppliedSeqs>,
+    /// The engine, the inputs it reflects and the state last persisted.
+    state: State,
     store: SnapshotStore,
     sources: Vec<Source>,
     metrics: AgentsMetrics,
@@ -548,142 +575,152 @@ enum Origin {
     Restored,
 }
 
+/// An output encoded as the event it is published as.
+struct Outgoing<'p> {
+    subject: String,
+    event: CloudEvent,
+    span: &'p tracing::Span,
+    hops: &'p HopChain,
+    label: &'static str,
+}
+
 impl Worker {
     fn time_to_next_due(&self) -> Option<Duration> {
-        let due = self.engine.next_due()?;
+        let due = self.state.engine.next_due()?;
         let now = self.clock.now_millis();
         Some(Duration::from_millis(due.saturating_sub(now)))
     }
 
-    /// Apply, publish, snapshot, ack — see the module documentation.
+    /// Apply, snapshot, publish, ack — see the module documentation. Each input is
+    /// applied inside its hop chain and with a panic contained to it ([`crate::batch`]).
     async fn process(
         &mut self,
         batch: Vec<(usize, Result<Message, String>)>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        let mut outputs: Vec<(Output, tracing::Span)> = Vec::new();
-        let mut settle = Vec::with_capacity(batch.len());
-        let mut changed = false;
         let now = self.clock.now_millis();
         self.metrics
             .batch_inputs
             .with_label_values::<&str>(&[])
             .observe(batch.len() as f64);
+        let mut messages = Vec::with_capacity(batch.len());
         for (source, msg) in batch {
-            let msg = match msg {
-                Ok(msg) => msg,
+            match msg {
+                Ok(msg) => messages.push((source, msg)),
                 Err(e) => {
                     tracing::warn!(consumer = %self.sources[source].key, error = %e, "pull error");
-                    continue;
-                }
-            };
-            let subject = msg.subject.to_string();
-            let span = self.bus.process_delivery(&msg);
-            let (seq, delivered) = msg
-                .info()
-                .map_or((None, 1), |i| (Some(i.stream_sequence), i.delivered));
-            let key = &self.sources[source].key;
-            let kind = input::kind(&self.cc, &subject);
-            let applied = self.applied.entry(key.clone()).or_default();
-            if let Some(seq) = seq
-                && applied.contains(seq)
-            {
-                span.in_scope(|| {
-                    tracing::debug!(consumer = %key, seq, delivered, "redelivered input already applied; acking");
-                });
-                self.metrics
-                    .inputs
-                    .with_label_values(&[kind, "duplicate"])
-                    .inc();
-                settle.push(Settle::Ack(msg));
-                continue;
-            }
-            let decoded = input::decode(&self.cc, &subject, msg.headers.as_ref(), &msg.payload);
-            let result = match decoded {
-                Ok(Decoded::Input(input)) => self.engine.apply(now, input).map_err(BadInput::from),
-                Ok(Decoded::NotForEngine(reason)) => {
-                    span.in_scope(|| tracing::debug!(reason, "not an engine input; acking"));
-                    self.metrics.ignored.with_label_values(&[reason]).inc();
-                    self.metrics
-                        .inputs
-                        .with_label_values(&[kind, "ignored"])
-                        .inc();
-                    settle.push(Settle::Ack(msg));
-                    continue;
-                }
-                Err(bad) => Err(bad),
-            };
-            match result {
-                Ok(done) => {
-                    changed = true;
-                    if let Some(seq) = seq {
-                        applied.insert(seq);
-                    }
-                    let outcome = match done.ignored {
-                        Some(why) => {
-                            span.in_scope(|| {
-                                tracing::debug!(
-                                    reason = ignored_label(why),
-                                    "input changed nothing"
-                                )
-                            });
-                            self.metrics
-                                .ignored
-                                .with_label_values(&[ignored_label(why)])
-                                .inc();
-                            "ignored"
-                        }
-                        None => "applied",
-                    };
-                    self.metrics
-                        .inputs
-                        .with_label_values(&[kind, outcome])
-                        .inc();
-                    outputs.extend(done.outputs.into_iter().map(|o| (o, span.clone())));
-                    settle.push(Settle::Ack(msg));
-                }
-                Err(bad) => {
-                    span.in_scope(|| {
-                        tracing::warn!(
-                            consumer = %key,
-                            seq,
-                            %subject,
-                            reason = bad.label(),
-                            error = %bad,
-                            "rejecting input (dead-lettered, not redelivered)"
-                        );
-                    });
-                    self.metrics
-                        .rejected
-                        .with_label_values(&[bad.label()])
-                        .inc();
-                    self.metrics
-                        .inputs
-                        .with_label_values(&[kind, "rejected"])
-                        .inc();
-                    settle.push(Settle::DeadLetter(msg, bad.to_string(), span.clone()));
                 }
             }
+        }
+        // One span per message (counting it as received once, however often a panic makes
+        // the batch be applied again).
+        let spans: Vec<tracing::Span> = messages
+            .iter()
+            .map(|(_, msg)| self.bus.process_delivery(msg))
+            .collect();
+        let deliveries: Vec<Delivery<'_>> = messages
+            .iter()
+            .map(|(source, msg)| Delivery {
+                consumer: &self.sources[*source].key,
+                seq: msg.info().ok().map(|i| i.stream_sequence),
+                subject: msg.subject.as_str(),
+                headers: msg.headers.as_ref(),
+                payload: &msg.payload,
+            })
+            .collect();
+        let bus = &self.bus;
+        let outcome = self
+            .state
+            .apply_batch(
+                now,
+                &self.cc,
+                &deliveries,
+                |headers| bus.enter_hop(headers, HOP_HANDLER),
+                |engine, now, input| engine.apply(now, input),
+            )
+            .await;
+        drop(deliveries);
+        for (((_, msg), span), verdict) in messages.iter().zip(&spans).zip(&outcome.verdicts) {
+            self.account(msg, span, verdict);
         }
         self.observe("apply", started);
-        if changed || !outputs.is_empty() {
+        let outputs: Vec<Pending> = outcome
+            .outputs
+            .into_iter()
+            .map(|decided| Pending {
+                output: decided.output,
+                span: spans[decided.delivery].clone(),
+                hops: decided.hops,
+            })
+            .collect();
+        if outcome.changed || !outputs.is_empty() {
             self.commit(now, &outputs).await?;
         }
-        for s in settle {
-            match s {
-                Settle::Ack(msg) => {
+        for (((_, msg), span), verdict) in messages.into_iter().zip(spans).zip(outcome.verdicts) {
+            match verdict {
+                Verdict::Rejected(bad) => {
+                    self.dead_letter(&msg, &bad.to_string())
+                        .instrument(span)
+                        .await;
+                }
+                Verdict::Duplicate | Verdict::NotForEngine(_) | Verdict::Applied(_) => {
                     // A lost ack means a redelivery, which the applied sequences absorb.
                     if let Err(e) = msg.ack_with(AckKind::Ack).await {
                         tracing::warn!(error = %e, "ack failed; the input will be redelivered and recognised");
                     }
                 }
-                Settle::DeadLetter(msg, reason, span) => {
-                    self.dead_letter(&msg, &reason).instrument(span).await;
-                }
             }
         }
         self.refresh_gauges();
         Ok(())
+    }
+
+    /// Log and count what became of one input.
+    fn account(&self, msg: &Message, span: &tracing::Span, verdict: &Verdict) {
+        let kind = input::kind(&self.cc, &msg.subject);
+        let (seq, delivered) = msg
+            .info()
+            .map_or((None, 1), |i| (Some(i.stream_sequence), i.delivered));
+        let outcome = match verdict {
+            Verdict::Duplicate => {
+                span.in_scope(|| {
+                    tracing::debug!(seq, delivered, "redelivered input already applied; acking");
+                });
+                "duplicate"
+            }
+            Verdict::NotForEngine(reason) => {
+                span.in_scope(|| tracing::debug!(reason, "not an engine input; acking"));
+                self.metrics.ignored.with_label_values(&[reason]).inc();
+                "ignored"
+            }
+            Verdict::Applied(Some(why)) => {
+                let reason = ignored_label(*why);
+                span.in_scope(|| tracing::debug!(reason, "input changed nothing"));
+                self.metrics.ignored.with_label_values(&[reason]).inc();
+                "ignored"
+            }
+            Verdict::Applied(None) => "applied",
+            Verdict::Rejected(bad) => {
+                span.in_scope(|| {
+                    tracing::warn!(
+                        seq,
+                        subject = %msg.subject,
+                        reason = bad.label(),
+                        error = %bad,
+                        "rejecting input (dead-lettered, not redelivered)"
+                    );
+                });
+                self.metrics
+                    .rejected
+                    .with_label_values(&[bad.label()])
+                    .inc();
+                "rejected"
+            }
+        };
+        self.metrics
+            .inputs
+            .with_label_values(&[kind, outcome])
+            .inc();
     }
 
     /// Move a refused input to `patchbay.v1.dlq.agents` with its reason (terminated once
@@ -712,10 +749,10 @@ impl Worker {
     /// Fire due timers: their outputs are published under a root span `tick`.
     async fn tick(&mut self) -> anyhow::Result<()> {
         let now = self.clock.now_millis();
-        let before = self.engine.next_due();
-        let outputs = self.engine.tick(now);
+        let before = self.state.engine.next_due();
+        let outputs = self.state.engine.tick(now);
         if outputs.is_empty() {
-            if before.is_some_and(|due| due <= now) && self.engine.next_due() == before {
+            if before.is_some_and(|due| due <= now) && self.state.engine.next_due() == before {
                 // Never spin on a timer that does not move.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -723,8 +760,15 @@ impl Worker {
         }
         let span =
             tracing::info_span!(parent: None, "tick", otel.name = "tick", outputs = outputs.len());
-        let outputs: Vec<(Output, tracing::Span)> =
-            outputs.into_iter().map(|o| (o, span.clone())).collect();
+        let hops = own_chain(&self.bus);
+        let outputs: Vec<Pending> = outputs
+            .into_iter()
+            .map(|output| Pending {
+                output,
+                span: span.clone(),
+                hops: hops.clone(),
+            })
+            .collect();
         self.commit(now, &outputs).await?;
         self.refresh_gauges();
         Ok(())
@@ -732,20 +776,18 @@ impl Worker {
 
     /// Persist the state with `outputs` as its outbox, then publish them — in that order,
     /// so nothing is published that a restarted engine would not know (module docs).
-    async fn commit(
-        &mut self,
-        now: u64,
-        outputs: &[(Output, tracing::Span)],
-    ) -> anyhow::Result<()> {
-        let outbox = outputs.iter().map(|(o, _)| o.clone()).collect();
-        self.snapshot(now, outbox).await?;
+    async fn commit(&mut self, now: u64, outputs: &[Pending]) -> anyhow::Result<()> {
+        let outbox = outputs.iter().map(|p| p.output.clone()).collect();
+        let hops = outputs.iter().map(|p| p.hops.to_string()).collect();
+        self.snapshot(now, outbox, hops).await?;
         self.publish(outputs, Origin::Decided).await?;
         self.stale_outbox = !outputs.is_empty();
         Ok(())
     }
 
-    /// Publish the restored snapshot's outbox (under a root span `recover`).
-    async fn recover(&mut self, outbox: Vec<Output>) -> anyhow::Result<()> {
+    /// Publish the restored snapshot's outbox (under a root span `recover`), each output
+    /// with the hop chain it was decided with.
+    async fn recover(&mut self, outbox: Vec<(Output, HopChain)>) -> anyhow::Result<()> {
         if outbox.is_empty() {
             return Ok(());
         }
@@ -759,8 +801,14 @@ impl Worker {
             outputs = outbox.len(),
             "publishing the restored snapshot's outbox (decided before the restart, maybe not all stored)"
         );
-        let outputs: Vec<(Output, tracing::Span)> =
-            outbox.into_iter().map(|o| (o, span.clone())).collect();
+        let outputs: Vec<Pending> = outbox
+            .into_iter()
+            .map(|(output, hops)| Pending {
+                output,
+                span: span.clone(),
+                hops,
+            })
+            .collect();
         self.publish(&outputs, Origin::Restored).await?;
         self.stale_outbox = true;
         Ok(())
@@ -771,7 +819,8 @@ impl Worker {
         if !self.stale_outbox {
             return Ok(());
         }
-        self.snapshot(self.clock.now_millis(), Vec::new()).await?;
+        self.snapshot(self.clock.now_millis(), Vec::new(), Vec::new())
+            .await?;
         self.stale_outbox = false;
         Ok(())
     }
@@ -809,17 +858,13 @@ impl Worker {
     /// stored or the service stops; ids make the retries idempotent. Duplicates of
     /// [`Origin::Decided`] outputs on the first attempt are divergences; any other is a
     /// harmless re-publish.
-    async fn publish(
-        &self,
-        outputs: &[(Output, tracing::Span)],
-        origin: Origin,
-    ) -> anyhow::Result<()> {
+    async fn publish(&self, outputs: &[Pending], origin: Origin) -> anyhow::Result<()> {
         if outputs.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
         let mut events = Vec::with_capacity(outputs.len());
-        for (output, span) in outputs {
+        for Pending { output, span, hops } in outputs {
             match self.event(output) {
                 Ok((subject, event)) => {
                     let label = output
@@ -827,7 +872,13 @@ impl Worker {
                         .map(|e| e.as_str())
                         .or_else(|| output.agent_event().map(|e| e.as_str()))
                         .unwrap_or("other");
-                    events.push((subject, event, span, label));
+                    events.push(Outgoing {
+                        subject,
+                        event,
+                        span,
+                        hops,
+                        label,
+                    });
                 }
                 // Ids come from validated subjects, so this is a bug, not an input problem.
                 Err(e) => {
@@ -839,8 +890,11 @@ impl Worker {
         loop {
             match self.publish_once(&events).await {
                 Ok(duplicates) => {
-                    for (_, _, _, label) in &events {
-                        self.metrics.outputs.with_label_values(&[label]).inc();
+                    for outgoing in &events {
+                        self.metrics
+                            .outputs
+                            .with_label_values(&[outgoing.label])
+                            .inc();
                     }
                     let first_decided = origin == Origin::Decided && attempt == 0;
                     if !duplicates.is_empty() && first_decided {
@@ -882,15 +936,20 @@ impl Worker {
     }
 
     /// Send every event, then wait for every ack; returns the ids of the duplicates.
-    async fn publish_once<'e>(
-        &self,
-        events: &'e [(String, CloudEvent, &tracing::Span, &str)],
-    ) -> Result<Vec<&'e str>, String> {
+    async fn publish_once<'e>(&self, events: &'e [Outgoing<'_>]) -> Result<Vec<&'e str>, String> {
         let js = self.bus.jetstream();
         let mut pending = Vec::with_capacity(events.len());
-        for (subject, event, parent, _) in events {
+        for Outgoing {
+            subject,
+            event,
+            span: parent,
+            hops,
+            ..
+        } in events
+        {
             let span = parent.in_scope(|| trace::publish_span(subject, &event.id));
             let mut headers = Bus::headers(event, &span, None);
+            hops.write(&mut headers);
             self.bus.stamp_sender(&mut headers);
             headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
             let ack = js
@@ -915,14 +974,20 @@ impl Worker {
 
     /// Write the snapshot with `outbox`; a fenced or oversized snapshot stops the service,
     /// a failing bucket is retried until it works or the service stops.
-    async fn snapshot(&mut self, now: u64, outbox: Vec<Output>) -> anyhow::Result<()> {
+    async fn snapshot(
+        &mut self,
+        now: u64,
+        outbox: Vec<Output>,
+        outbox_hops: Vec<String>,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let stored = Stored {
             format: Stored::FORMAT,
             saved_at_ms: now,
-            applied: self.applied.clone(),
+            applied: self.state.applied.clone(),
             outbox,
-            engine: self.engine.snapshot(),
+            outbox_hops,
+            engine: self.state.engine.snapshot(),
         };
         loop {
             match self.store.save(&stored, 3).await {
@@ -936,6 +1001,8 @@ impl Worker {
                         .with_label_values(&["json"])
                         .set(saved.uncompressed as f64);
                     self.observe("snapshot", started);
+                    // What a panic in a later batch goes back to.
+                    self.state.persisted(stored.engine, stored.applied);
                     return Ok(());
                 }
                 Err(
@@ -960,7 +1027,7 @@ impl Worker {
     }
 
     fn refresh_gauges(&self) {
-        let stats = self.engine.stats(self.clock.now_millis());
+        let stats = self.state.engine.stats(self.clock.now_millis());
         self.metrics.set_queues(&stats);
     }
 
@@ -970,7 +1037,8 @@ impl Worker {
             match source.consumer.info().await {
                 Ok(info) => {
                     let floor = info.ack_floor.stream_sequence;
-                    self.applied
+                    self.state
+                        .applied
                         .entry(source.key.clone())
                         .or_default()
                         .advance_floor(floor);
@@ -990,7 +1058,7 @@ impl Worker {
         let Some(reply) = request.reply.clone() else {
             return;
         };
-        let stats = self.engine.stats(self.clock.now_millis());
+        let stats = self.state.engine.stats(self.clock.now_millis());
         let event = match CloudEvent::new(self.bus.source(), QUEUE_STATS_TYPE).json(&stats) {
             Ok(event) => event,
             Err(e) => {

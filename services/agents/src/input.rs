@@ -44,6 +44,14 @@ pub enum BadInput {
     /// The engine refused it.
     #[error("refused by the engine: {0}")]
     Engine(#[from] EngineError),
+    /// It has passed through as many handlers as the hop limit allows: a loop. The
+    /// reason names the whole chain.
+    #[error("{0}")]
+    HopLimit(String),
+    /// Handling it panicked (a bug): dead-lettered with the panic message rather than
+    /// redelivered into the same panic until the server gives up on it.
+    #[error("{0}")]
+    Panicked(String),
 }
 
 impl BadInput {
@@ -63,6 +71,8 @@ impl BadInput {
                 EngineError::NotOffered { .. } => "not-offered",
                 EngineError::InvalidCall { .. } => "invalid-call",
             },
+            Self::HopLimit(_) => "hop-limit",
+            Self::Panicked(_) => "panic",
         }
     }
 }

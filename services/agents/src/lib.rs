@@ -82,10 +82,12 @@
 //! intervals beside [`erlang`] C.
 
 pub mod adapter;
+pub mod batch;
 pub mod engine;
 pub mod erlang;
 pub mod input;
 pub mod metrics;
+pub mod service;
 pub mod simulate;
 pub mod stats;
 pub mod store;

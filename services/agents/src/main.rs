@@ -10,16 +10,12 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use patchbay_agents::AgentsConfig;
 use patchbay_agents::engine::EngineConfig;
 use patchbay_agents::simulate::{self, Scenario};
-use patchbay_bus::args::BusArgs;
-use patchbay_bus::trace::BusMetrics;
 use patchbay_telemetry::{TelemetryArgs, shutdown_signal};
 
 #[derive(Parser)]
@@ -43,31 +39,6 @@ enum Command {
 
 /// The subcommands; anything else on the command line is `run`'s flags.
 const SUBCOMMANDS: [&str; 5] = ["run", "simulate", "help", "--help", "-h"];
-
-#[derive(Args)]
-struct RunArgs {
-    /// Engine settings (TOML with the fields of `EngineConfig`, see deploy/agents.toml);
-    /// defaults without it.
-    #[arg(long, env = "PATCHBAY_AGENTS_CONFIG")]
-    config: Option<PathBuf>,
-    /// Most inputs applied per batch (one snapshot is written per batch).
-    #[arg(long, env = "PATCHBAY_AGENTS_MAX_BATCH", default_value_t = 256)]
-    max_batch: usize,
-    /// How often queue gauges are refreshed (they are also refreshed after each batch).
-    #[arg(long, env = "PATCHBAY_AGENTS_STATS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    stats_interval: Duration,
-    /// How long SIGTERM may spend finishing the batch in hand (its inputs are redelivered
-    /// if it runs out).
-    #[arg(long, env = "PATCHBAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    drain_timeout: Duration,
-    /// Instance name (logs, traces, connection name, CloudEvents source).
-    #[arg(long, env = "PATCHBAY_AGENTS_INSTANCE", default_value = "agents-1")]
-    instance: String,
-    #[command(flatten)]
-    bus: BusArgs,
-    #[command(flatten)]
-    telemetry: TelemetryArgs,
-}
 
 #[derive(Args)]
 struct SimulateArgs {
@@ -104,48 +75,32 @@ fn main() -> Result<()> {
     }
 }
 
-fn engine_config(path: &Path) -> Result<EngineConfig> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("failed to read engine config {}", path.display()))?;
-    toml::from_str::<EngineConfig>(&text)
-        .with_context(|| format!("failed to parse engine config {}", path.display()))
+/// `run`: the service flags and the telemetry ones.
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    service: patchbay_agents::service::Args,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn serve(args: RunArgs) -> Result<()> {
     let started = args
         .telemetry
-        .start("patchbay-agents", &args.instance, "agents-consumers", |k| {
+        .start("patchbay-agents", &args.service.instance, |k| {
             std::env::var(k).ok()
         })
         .await
         .context("failed to start telemetry")?;
-    let (metrics, ready) = (&started.metrics, started.ready.clone());
-
-    let engine = match &args.config {
-        Some(path) => engine_config(path)?,
-        None => EngineConfig::default(),
-    };
-    tracing::info!(config = ?args.config, ?engine, "engine settings");
-
-    let bus = args
-        .bus
-        .config(format!("patchbay-agents/{}", args.instance))
-        .context("invalid subject prefix")?
-        .metrics(BusMetrics::register(metrics).context("failed to register bus metrics")?);
-    let mut config = AgentsConfig::new(bus, engine);
-    config.max_batch = args.max_batch;
-    config.stats_interval = args.stats_interval;
-    config.drain_timeout = args.drain_timeout;
-    patchbay_agents::run(config, metrics, ready, shutdown_signal())
-        .await
-        .context("agents service failed")
+    let context = started.alone("agents");
+    patchbay_agents::service::serve(args.service, context, shutdown_signal()).await
 }
 
 fn simulate(args: SimulateArgs) -> Result<()> {
     if let Some(path) = &args.replay {
         let config = match &args.engine_config {
-            Some(p) => engine_config(p)?,
+            Some(p) => patchbay_agents::service::load_engine_config(p)?,
             None => EngineConfig::default(),
         };
         let file = fs::File::open(path)

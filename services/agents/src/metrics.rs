@@ -5,7 +5,7 @@
 //! | name | labels | what |
 //! |---|---|---|
 //! | `patchbay_agents_inputs_total` | `input` (`routed`, `hangup`, `closed`, `state`, `accept`, `reject`, `wrapup-done`, `other`), `outcome` (`applied`, `ignored`, `duplicate`, `rejected`) | consumed messages |
-//! | `patchbay_agents_rejected_total` | `reason` (`subject`, `envelope`, `json`, `mismatch`, or the engine's refusal: `unknown-agent`, `not-offered`, …) | inputs terminated as bad |
+//! | `patchbay_agents_rejected_total` | `reason` (`subject`, `envelope`, `json`, `mismatch`, `hop-limit`, `panic`, or the engine's refusal: `unknown-agent`, `not-offered`, …) | inputs terminated as bad |
 //! | `patchbay_agents_ignored_total` | `reason` (`duplicate-call`, `call-finished`, `no-change`, …, `closed-call`) | inputs that changed nothing (redeliveries, races) |
 //! | `patchbay_agents_outputs_total` | `event` (`queued`, `offered`, …, `state-changed`, `missed`) | events published |
 //! | `patchbay_agents_replayed_outputs_total` | — | outputs the stream already held when published again: the restored outbox after a crash, or a retried publish (harmless) |

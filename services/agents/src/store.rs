@@ -172,6 +172,13 @@ pub struct Stored {
     /// restored engine publishes them again (de-duplicated by id) before anything else.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<Output>,
+    /// The hop chain (`patchbay-hops` value, see [`patchbay_bus::hops`]) each outbox output
+    /// is published with, in the outbox's order, so a re-publish after a restart does not
+    /// start a loop's chain afresh. Missing entries (a snapshot written before chains were
+    /// kept) publish with this service as the whole chain. Builds that do not know the
+    /// field ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox_hops: Vec<String>,
     /// The engine state.
     pub engine: Snapshot,
 }
@@ -499,6 +506,7 @@ mod tests {
             saved_at_ms: 42,
             applied,
             outbox: Vec::new(),
+            outbox_hops: Vec::new(),
             engine: engine.snapshot(),
         }
     }
@@ -541,9 +549,16 @@ mod tests {
         assert_eq!(outbox.len(), 4, "{outbox:?}");
         let mut original = stored(&engine);
         original.outbox = outbox;
+        original.outbox_hops = ["fn/a,service/agents", "service/agents"]
+            .iter()
+            .cycle()
+            .take(4)
+            .map(|s| (*s).to_owned())
+            .collect();
         let (bytes, _) = original.encode().unwrap();
         let decoded = Stored::decode("engine", &bytes).unwrap();
         assert_eq!(decoded.outbox, original.outbox);
+        assert_eq!(decoded.outbox_hops, original.outbox_hops);
         assert_eq!(
             decoded.outbox.iter().map(Output::id).collect::<Vec<_>>(),
             ["agent-a-1-1", "call-c-1-2", "call-c-1-3", "agent-a-1-2"]
@@ -561,6 +576,7 @@ mod tests {
         let bytes = miniz_oxide::deflate::compress_to_vec_zlib(old.to_string().as_bytes(), 1);
         let decoded = Stored::decode("engine", &bytes).unwrap();
         assert_eq!((decoded.format, decoded.outbox.len()), (1, 0));
+        assert!(decoded.outbox_hops.is_empty());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Contact-centre subjects, built and parsed side by side (see DESIGN.md's table).
+//! Contact-centre subjects, built and parsed side by side (see docs/architecture.md, "Subjects").
 
 use patchbay_bus::subject::{Result, SubjectError, Subjects, Token};
 

@@ -15,7 +15,8 @@
 //!   when the lookup is slow, absent or broken), publishes `cc.v1.calls.<call>.routed` or
 //!   `.closed` (seq 1, `partitionkey` = call id, trace continued, id derived from the
 //!   input so redeliveries are stored once), then acks;
-//! * [`run`]: the service as a library, so one process can host several services.
+//! * [`run`]: the service as a library, so one process can host several services;
+//!   [`service`]: its flags and entry point, the shape every Patchbay service shares.
 //!
 //! Not here: queueing, agent selection, overflow execution and relaxation timers (the
 //! agents service acts on what routing decides); stream and consumer creation (the admin
@@ -28,6 +29,7 @@ pub mod nats;
 pub mod reload;
 pub mod rules;
 pub mod schedule;
+pub mod service;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::node::{Deployed, Node, Outcome};
-use crate::registry::Trigger;
 use crate::reply::{ErrorKind, InvokeReply, NODE_HEADER, OUTCOME_HEADER, VERSION_HEADER};
+use patchbay_registry::Trigger;
 
 /// One kind of trigger.
 pub(crate) trait TriggerLoop: Send + 'static {
@@ -277,7 +277,7 @@ pub(crate) async fn publish_durable(
             .spec
             .stream_subjects
             .iter()
-            .any(|filter| crate::capabilities::subject_matches(filter, subject));
+            .any(|filter| patchbay_engine::capabilities::subject_matches(filter, subject));
         if stored {
             let msg_id = input.output_dedup_id(f.name.as_str(), index);
             node.bus

@@ -1,6 +1,6 @@
 //! `stream` trigger with per-key ordering: one pull loop per partition consumer.
 //!
-//! The partitions and why they give per-key order are described in [`crate::ordering`].
+//! The partitions and why they give per-key order are described in [`patchbay_registry::ordering`].
 //! Here each partition consumer `fn-<name>-p<i>` on PATCHBAY_ORDERED gets its own loop that
 //! pulls one message at a time (one pull request per message) and handles it to the end (outputs stored, then acked, nak'ed
 //! with a delay, or dead-lettered and terminated — the same [`super::stream`] handling as an
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::TriggerLoop;
 use crate::node::Node;
-use crate::ordering::{ORDERED_STREAM, partition_consumer};
+use patchbay_registry::ordering::{ORDERED_STREAM, partition_consumer};
 
 /// Consumes the partition consumers `fn-<name>-p0 … p<partitions-1>` on PATCHBAY_ORDERED.
 pub(crate) struct OrderedTrigger {

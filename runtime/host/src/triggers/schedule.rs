@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::TriggerLoop;
 use super::stream::StreamTrigger;
 use crate::node::Node;
-use crate::registry::{TICKS_STREAM, tick_subject};
-use crate::schedule::Schedule;
+use patchbay_registry::schedule::Schedule;
+use patchbay_registry::{TICKS_STREAM, tick_subject};
 
 /// Publishes ticks of `cron` and consumes them.
 pub(crate) struct ScheduleTrigger {

@@ -3,20 +3,26 @@
 //!
 //! A `subject` trigger whose subscription the server refuses (the node's permissions do not
 //! cover the subject) never fires, and the server reports the refusal only on the
-//! connection (`Permissions Violation for Subscription to "<subject>"`). The status task
-//! watches the connection's notices for those and reports each function whose trigger
-//! subject was refused as `failed`, so `fn deploy` does not claim it is served.
+//! connection (`Permissions Violation for Subscription to "<subject>"`). [`Refusals`]
+//! watches the connection's notices for those from before the node subscribes anything,
+//! and [`trigger_failure`] names each function whose trigger subject was refused as
+//! failed, with the server's text — here as `failed`, so `fn deploy`, `fn ls` and
+//! `fn describe` do not claim it is served, and in the node's `$SRV` endpoints
+//! (`crate::discovery`), so `patchbay status` does not either. A new connection
+//! (reconnect) replays every subscription, so what was refused before is forgotten then
+//! and recorded again if the server refuses it again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::StreamExt as _;
-use patchbay_bus::BusNotice;
+use patchbay_bus::{Bus, BusNotice};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
 
-use crate::node::Node;
-use crate::registry::Trigger;
+use crate::node::{Deployed, Node};
+use patchbay_registry::Trigger;
 
 /// One node's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,18 +54,52 @@ pub struct ServedFunction {
     pub failed: Option<String>,
 }
 
-/// Subscriptions the server refused on this node: subject → the server's message.
-type Refusals = Arc<Mutex<BTreeMap<String, String>>>;
+/// Refused subscriptions by subject (as sent, prefix included) → the server's message.
+type Refused = BTreeMap<String, String>;
+
+/// The subscriptions the server refused on this node's connection, recorded from its
+/// notices while the value lives.
+pub(crate) struct Refusals {
+    refused: Arc<Mutex<Refused>>,
+    watcher: JoinHandle<()>,
+}
+
+impl Refusals {
+    /// Start recording `bus`'s refusals; call it before anything subscribes, so that no
+    /// refusal is missed.
+    pub(crate) fn watch(bus: &Bus) -> Self {
+        let refused = Arc::<Mutex<Refused>>::default();
+        let watcher = tokio::spawn(watch_refusals(bus.notices(), Arc::clone(&refused)));
+        Self { refused, watcher }
+    }
+
+    /// The server's message refusing a subscription to `subject`, if it did.
+    fn of(&self, subject: &str) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(subject)
+            .cloned()
+    }
+}
+
+impl Drop for Refusals {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Why `f`'s trigger does not work on `node` (the server's refusal of its subscription),
+/// none while it works.
+pub(crate) fn trigger_failure(node: &Node, f: &Deployed) -> Option<String> {
+    match &f.spec.trigger {
+        Trigger::Subject { subject } => node.refusals.of(&node.bus.subjects().full(subject)),
+        _ => None,
+    }
+}
 
 /// Answer status requests until the node shuts down.
 pub(crate) async fn run(node: Arc<Node>) {
-    let refusals = Refusals::default();
-    let watcher = tokio::spawn(watch_refusals(node.bus.notices(), Arc::clone(&refusals)));
-    serve(&node, &refusals).await;
-    watcher.abort();
-}
-
-async fn serve(node: &Arc<Node>, refusals: &Refusals) {
     let subject = node.bus.subjects().runtime_status();
     let mut sub = match node.bus.client().subscribe(subject.clone()).await {
         Ok(sub) => sub,
@@ -78,14 +118,7 @@ async fn serve(node: &Arc<Node>, refusals: &Refusals) {
                     digest: f.spec.digest.clone(),
                     trigger: f.spec.trigger.to_string(),
                     canary: node.canaries.routing_version(f.name.as_str()),
-                    failed: match &f.spec.trigger {
-                        Trigger::Subject { subject } => refusals
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .get(&node.bus.subjects().full(subject))
-                            .cloned(),
-                        _ => None,
-                    },
+                    failed: trigger_failure(&node, f),
                 })
                 .collect(),
         };
@@ -96,23 +129,34 @@ async fn serve(node: &Arc<Node>, refusals: &Refusals) {
 }
 
 /// Record every subscription the server refuses, until the connection's notices end.
-async fn watch_refusals(mut notices: broadcast::Receiver<BusNotice>, refusals: Refusals) {
+async fn watch_refusals(mut notices: broadcast::Receiver<BusNotice>, refused: Arc<Mutex<Refused>>) {
     loop {
         match notices.recv().await {
             Ok(BusNotice(text)) => {
-                if let Some(subject) = refused_subscription(&text) {
-                    tracing::error!(%subject, notice = %text, "the server refused a trigger subscription");
-                    refusals
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(subject.to_owned(), text.trim().to_owned());
-                }
+                record(
+                    &mut refused.lock().unwrap_or_else(PoisonError::into_inner),
+                    &text,
+                );
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
+
+/// What one connection notice changes: a refused subscription is recorded with the
+/// server's text; a new connection (which subscribes everything again) forgets them all.
+fn record(refused: &mut Refused, notice: &str) {
+    if notice.trim() == CONNECTED {
+        refused.clear();
+    } else if let Some(subject) = refused_subscription(notice) {
+        tracing::error!(%subject, %notice, "the server refused a trigger subscription");
+        refused.insert(subject.to_owned(), notice.trim().to_owned());
+    }
+}
+
+/// The notice of a (re)established connection (`async_nats::Event::Connected`).
+const CONNECTED: &str = "connected";
 
 /// The subject of a server notice refusing a subscription — `Permissions Violation for
 /// Subscription to "<subject>"`, optionally followed by ` using queue "<group>"` (any case).
@@ -126,7 +170,33 @@ fn refused_subscription(notice: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::refused_subscription;
+    use super::{Refused, record, refused_subscription};
+
+    #[test]
+    fn refusals_are_kept_with_the_server_text_until_a_new_connection_subscribes_again() {
+        let mut refused = Refused::new();
+        record(
+            &mut refused,
+            "server error: Permissions Violation for Subscription to \"crm.v1.in\" using queue \"fn-x\"\n",
+        );
+        record(&mut refused, "slow consumers for subscription 3");
+        record(&mut refused, "disconnected");
+        assert_eq!(
+            refused.get("crm.v1.in").map(String::as_str),
+            Some(
+                "server error: Permissions Violation for Subscription to \"crm.v1.in\" using queue \"fn-x\""
+            )
+        );
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        // Reconnected: every subscription is sent again, and only what is refused again counts.
+        record(&mut refused, "connected");
+        assert!(refused.is_empty(), "{refused:?}");
+        record(
+            &mut refused,
+            "server error: permissions violation for subscription to \"crm.v1.other\"",
+        );
+        assert_eq!(refused.keys().collect::<Vec<_>>(), ["crm.v1.other"]);
+    }
 
     #[test]
     fn reads_the_subject_of_a_refused_subscription_from_the_server_notice() {

@@ -40,7 +40,7 @@ impl TriggerLoop for StreamTrigger {
     const KIND: &'static str = "stream";
 
     async fn run(self, node: Arc<Node>, stop: CancellationToken) -> Result<(), String> {
-        let consumer_name = crate::registry::consumer_name(&self.function);
+        let consumer_name = patchbay_registry::consumer_name(&self.function);
         let consumer: PullConsumer = node
             .bus
             .jetstream()
@@ -137,7 +137,8 @@ pub(super) async fn handle(
     };
     // An ordered trigger's copy names its partition; the function sees the original.
     let subject =
-        crate::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject).to_owned();
+        patchbay_registry::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject)
+            .to_owned();
     let span = node.bus.process_delivery(&msg);
     async move {
         // An event that has passed through too many handlers is a loop: stop it here,
@@ -261,7 +262,8 @@ async fn dead_letter(
     source: &str,
 ) {
     let subject =
-        crate::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject).to_owned();
+        patchbay_registry::ordering::original_subject(node.bus.subjects(), &f.name, &msg.subject)
+            .to_owned();
     let record = DeadLetter {
         function: f.name.as_str(),
         version: Some(f.spec.version),

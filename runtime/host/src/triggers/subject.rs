@@ -20,7 +20,7 @@ impl TriggerLoop for SubjectTrigger {
     const KIND: &'static str = "subject";
 
     async fn run(self, node: Arc<Node>, stop: CancellationToken) -> Result<(), String> {
-        let group = crate::registry::consumer_name(&self.function);
+        let group = patchbay_registry::consumer_name(&self.function);
         let mut sub = node
             .bus
             .client()

@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::sync::LazyLock;
 
-use patchbay_cli::access::AccessPolicy;
-use patchbay_cli::natsconf::render_permissions;
-use patchbay_cli::streams::Declaration;
+use patchbay_control::access::AccessPolicy;
+use patchbay_control::natsconf::render_permissions;
+use patchbay_control::streams::Declaration;
 use proptest::prelude::*;
 
 const SHIPPED: &str = include_str!("../../../deploy/access.toml");

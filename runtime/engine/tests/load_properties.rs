@@ -7,7 +7,7 @@
 
 use std::sync::LazyLock;
 
-use patchbay_host::{Engine, EngineConfig, LoadError};
+use patchbay_engine::{Engine, EngineConfig, LoadError};
 use proptest::prelude::*;
 
 mod common;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use patchbay_host::engine::bench_instantiate_call;
-use patchbay_host::{
+use patchbay_engine::engine::bench_instantiate_call;
+use patchbay_engine::{
     Engine, EngineConfig, Event, Invocation, MemoryCapabilities, PublishAllowList,
 };
 

@@ -6,6 +6,15 @@
 //! resolves the same version. Writers update with revision compare-and-set, so two
 //! concurrent deploys cannot silently overwrite each other. Runtime nodes only read and
 //! watch; the CLI (admin identity) writes.
+//!
+//! Beside the specs: [`canary`] (the pure canary choice and verdict rule), [`ordering`]
+//! (per-key ordered stream triggers: partitions, names, the subject transform) and
+//! [`schedule`] (cron). This crate decides and stores; it runs nothing — the runtime node
+//! (`patchbay-host`) and the gateway watch it and serve what it says.
+
+pub mod canary;
+pub mod ordering;
+pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,10 +41,114 @@ pub const DLQ_STREAM: &str = "PATCHBAY_DLQ";
 /// Stream holding function log records.
 pub const LOGS_STREAM: &str = "PATCHBAY_LOGS";
 
-/// The KV bucket that belongs to function `name`.
+/// The one KV bucket (declared in deploy/streams.toml) holding every function's state,
+/// each function's keys under its own name: `<function>.<key>`.
+///
+/// One declared bucket rather than one per function, so that the access policy grants the
+/// function hosts a bucket *by name*: a bucket per function needed a glob, and a glob over
+/// JetStream asset names reaches streams nobody declared (NATS cannot match the stream token
+/// of `$JS.API…` subjects by prefix).
+pub const FUNCTION_STATE_BUCKET: &str = "patchbay-fn-state";
+
+/// The key prefix of function `name` in [`FUNCTION_STATE_BUCKET`], `<name>.`. A function
+/// name is a [`Token`] (no dot), so the prefix ends at the first dot of a stored key and
+/// no key of one function — whatever dots it holds — is ever under another's prefix.
 #[must_use]
-pub fn function_bucket(name: &Token) -> String {
-    format!("patchbay-fn-{name}")
+pub fn state_prefix(name: &Token) -> String {
+    format!("{name}.")
+}
+
+/// The stored key of function `name`'s key `key` (already checked against the WIT rules:
+/// letters, digits and `-_=.`, no empty token).
+#[must_use]
+pub fn state_key(name: &Token, key: &str) -> String {
+    format!("{name}.{key}")
+}
+
+/// The keys function `name` currently holds in `store` ([`FUNCTION_STATE_BUCKET`]),
+/// without its prefix, sorted; deleted and purged keys left out.
+///
+/// Only the function's own subjects are read: one ordered, headers-only consumer filtered
+/// on `$KV.<bucket>.<name>.>`, last message per key (what async-nats `keys()` does for a
+/// whole bucket), delivered to an inbox of `client`. Bounded by `limit`: a listing that does
+/// not complete in time is an error, never a hang.
+pub async fn state_keys(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    name: &Token,
+    limit: Duration,
+) -> Result<Vec<String>, String> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
+    let filter = format!("{}{}>", store.prefix, state_prefix(name));
+    let strip = format!("{}{}", store.prefix, state_prefix(name));
+    let list = async {
+        let consumer = store
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                description: Some(format!("keys of function {name}")),
+                filter_subject: filter,
+                headers_only: true,
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot list the keys of function {name}: {e}"))?;
+        let mut live: BTreeMap<String, bool> = BTreeMap::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(live);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("cannot list the keys of function {name}: {e}"))?;
+        while let Some(message) = messages.next().await {
+            let message =
+                message.map_err(|e| format!("cannot list the keys of function {name}: {e}"))?;
+            let info = message
+                .info()
+                .map_err(|e| format!("cannot list the keys of function {name}: {e}"))?;
+            let pending = info.pending;
+            let removed = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            if let Some(key) = message.subject.as_str().strip_prefix(&strip) {
+                live.insert(key.to_owned(), !removed);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok::<_, String>(live)
+    };
+    let live = tokio::time::timeout(limit, list)
+        .await
+        .map_err(|_| format!("listing the keys of function {name} took longer than {limit:?}"))??;
+    Ok(live
+        .into_iter()
+        .filter_map(|(key, live)| live.then_some(key))
+        .collect())
+}
+
+/// Remove every key of function `name` from `js`'s [`FUNCTION_STATE_BUCKET`] (admin: a
+/// purge of the stream filtered on the function's subjects). Returns how many messages went.
+pub async fn purge_state(js: &jetstream::Context, name: &Token) -> Result<u64, String> {
+    let stream = js
+        .get_stream(format!("KV_{FUNCTION_STATE_BUCKET}"))
+        .await
+        .map_err(|e| format!("cannot open bucket {FUNCTION_STATE_BUCKET}: {e}"))?;
+    let purged = stream
+        .purge()
+        .filter(format!(
+            "$KV.{FUNCTION_STATE_BUCKET}.{}>",
+            state_prefix(name)
+        ))
+        .await
+        .map_err(|e| format!("cannot purge the state of function {name}: {e}"))?;
+    Ok(purged.purged)
 }
 
 /// The durable consumer that feeds a function's `stream` or `schedule` trigger.
@@ -590,6 +703,15 @@ impl fmt::Debug for Registry {
     }
 }
 
+/// One change [`Registry::changes`] reports.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A function's spec was stored (deployed, promoted, rolled back, ...).
+    Stored(FunctionSpec),
+    /// A function was removed.
+    Removed(String),
+}
+
 impl Registry {
     /// Open the registry buckets (created by the admin bootstrap).
     pub async fn open(js: &jetstream::Context) -> Result<Self> {
@@ -623,6 +745,37 @@ impl Registry {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Every change to the registry from now on, after the current specs (the watch every
+    /// reader — runtime nodes, gateways — follows): a spec stored, or a function removed.
+    /// A watch error or a corrupt spec is logged and skipped; the stream ends when the
+    /// watch does.
+    pub async fn changes(&self) -> Result<impl futures::Stream<Item = Change> + Send + 'static> {
+        let watch = self
+            .specs
+            .watch_with_history(">")
+            .await
+            .map_err(|e| nats("watch the function registry")(&e))?;
+        Ok(watch.filter_map(|entry| async move {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry watch error");
+                    return None;
+                }
+            };
+            match entry.operation {
+                kv::Operation::Put => match decode(&entry.key, &entry.value) {
+                    Ok(spec) => Some(Change::Stored(spec)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "ignoring corrupt function spec");
+                        None
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => Some(Change::Removed(entry.key)),
+            }
+        }))
     }
 
     /// Every deployed function, sorted by name.
@@ -889,5 +1042,30 @@ mod tests {
             digest(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever two functions and two valid keys: the stored keys differ unless both
+        /// function and key are the same, and a stored key is under a function's prefix
+        /// exactly when it is that function's — so one function never gets, sets, deletes
+        /// or lists another's key (`tenant` vs `tenant-x`, keys with dots, included).
+        #[test]
+        fn a_stored_state_key_belongs_to_exactly_one_function_and_key(
+            a in "[a-z]{1,3}(-[a-z]{1,2})?",
+            b in "[a-z]{1,3}(-[a-z]{1,2})?",
+            k in "[a-z=_-]{1,3}(\\.[a-z0-9=_-]{1,3}){0,2}",
+            l in "[a-z=_-]{1,3}(\\.[a-z0-9=_-]{1,3}){0,2}",
+        ) {
+            let (ta, tb) = (Token::new(a.as_str()).unwrap(), Token::new(b.as_str()).unwrap());
+            for key in [&k, &l] {
+                proptest::prop_assert!(patchbay_engine::capabilities::validate_kv_key(key).is_ok());
+            }
+            let (ka, lb) = (state_key(&ta, &k), state_key(&tb, &l));
+            proptest::prop_assert_eq!(ka == lb, a == b && k == l);
+            proptest::prop_assert_eq!(ka.starts_with(&state_prefix(&tb)), a == b);
+            proptest::prop_assert_eq!(ka.strip_prefix(&state_prefix(&ta)), Some(k.as_str()));
+            // A valid NATS subject tail: no empty token, no wildcard.
+            proptest::prop_assert!(ka.split('.').all(|t| !t.is_empty() && t != "*" && t != ">"));
+        }
     }
 }

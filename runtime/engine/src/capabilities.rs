@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use patchbay_bus::pattern::{Pattern, PatternError};
 
 use crate::world::{self, BusError, Event, KvError, Level};
 
@@ -56,7 +57,7 @@ pub trait HostCapabilities: Send + Sync + 'static {
 /// or more. Cheap to clone: the patterns are shared.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct PublishAllowList {
-    patterns: Arc<[String]>,
+    patterns: Arc<[Pattern]>,
 }
 
 /// A `--publish` pattern that is not a valid NATS subject pattern.
@@ -66,7 +67,8 @@ pub struct InvalidPattern {
     /// The pattern as given.
     pub pattern: String,
     /// What is wrong with it.
-    pub reason: &'static str,
+    #[source]
+    pub reason: PatternError,
 }
 
 impl PublishAllowList {
@@ -86,10 +88,7 @@ impl PublishAllowList {
             .into_iter()
             .map(|pattern| {
                 let pattern = pattern.into();
-                match pattern_error(&pattern) {
-                    Some(reason) => Err(InvalidPattern { pattern, reason }),
-                    None => Ok(pattern),
-                }
+                Pattern::new(pattern.clone()).map_err(|reason| InvalidPattern { pattern, reason })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
@@ -100,14 +99,12 @@ impl PublishAllowList {
     /// Whether a function may publish (or send a request) on `subject`.
     #[must_use]
     pub fn allows(&self, subject: &str) -> bool {
-        self.patterns
-            .iter()
-            .any(|pattern| subject_matches(pattern, subject))
+        self.patterns.iter().any(|pattern| pattern.matches(subject))
     }
 
     /// The patterns, in the order given.
     #[must_use]
-    pub fn patterns(&self) -> &[String] {
+    pub fn patterns(&self) -> &[Pattern] {
         &self.patterns
     }
 }
@@ -118,58 +115,12 @@ impl fmt::Debug for PublishAllowList {
     }
 }
 
-fn pattern_error(pattern: &str) -> Option<&'static str> {
-    if pattern.is_empty() {
-        return Some("empty");
-    }
-    let tokens: Vec<&str> = pattern.split('.').collect();
-    for (index, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return Some("empty token (leading, trailing or doubled dot)");
-        }
-        if token.chars().any(char::is_whitespace) {
-            return Some("whitespace");
-        }
-        if token.len() > 1 && token.contains(['*', '>']) {
-            return Some("a wildcard must be a whole token");
-        }
-        if *token == ">" && index + 1 != tokens.len() {
-            return Some("`>` is only allowed as the last token");
-        }
-    }
-    None
-}
-
-/// Whether the NATS subject `subject` matches `pattern` (`*` = one token, `>` = one or more
-/// trailing tokens).
-///
-/// A subject that is not publishable — empty tokens, whitespace, or wildcards of its own —
-/// matches nothing, so it can never slip through an allow-list.
+/// Whether the NATS subject `subject` matches `pattern` (see [`patchbay_bus::pattern`]):
+/// a subject that is not publishable — empty tokens, whitespace, control characters or
+/// wildcards of its own — matches nothing, so it can never slip through an allow-list.
 #[must_use]
 pub fn subject_matches(pattern: &str, subject: &str) -> bool {
-    let mut subject_tokens = subject.split('.');
-    let mut pattern_tokens = pattern.split('.');
-    loop {
-        match (pattern_tokens.next(), subject_tokens.next()) {
-            (None, None) => return true,
-            (Some(">"), Some(token)) => {
-                return publishable_token(token) && subject_tokens.all(publishable_token);
-            }
-            (Some(expected), Some(token)) => {
-                if !publishable_token(token) || (expected != "*" && expected != token) {
-                    return false;
-                }
-            }
-            _ => return false,
-        }
-    }
-}
-
-fn publishable_token(token: &str) -> bool {
-    !token.is_empty()
-        && token != "*"
-        && token != ">"
-        && !token.chars().any(|c| c.is_whitespace() || c.is_control())
+    patchbay_bus::pattern::matches(pattern, subject)
 }
 
 /// Check a kv key the way the WIT promises: letters, digits and `-_=.`, no leading or

@@ -3,7 +3,7 @@
 //! The shape lives in `deploy/local/nats.conf.tmpl` (embedded at compile time, so the binary
 //! and the template never disagree); [`render`] fills its `{{placeholders}}`:
 //! mutual TLS with `verify_and_map` (client certificates from [`crate::certs`], mapped by their
-//! SPIFFE URI SAN to users), JetStream with `sync_interval: always` (DESIGN.md "Durability"),
+//! SPIFFE URI SAN to users), JetStream with `sync_interval: always` (docs/architecture.md, "Delivery and failure"),
 //! a loopback-only monitoring listener, the max payload, and one `authorization` user per
 //! identity with the permissions of [`crate::access`]. There is no user without a certificate
 //! and no `no_auth_user`, so an identity not rendered here cannot connect at all.
@@ -23,7 +23,7 @@ pub const TEMPLATE: &str = include_str!("../../../deploy/local/nats.conf.tmpl");
 pub const DEFAULT_PORT: u16 = 4222;
 /// Default monitoring port (bound to loopback only).
 pub const DEFAULT_HTTP_PORT: u16 = 8222;
-/// Default max payload, 1 MiB (DESIGN.md "Envelope").
+/// Default max payload, 1 MiB (docs/architecture.md, "The wire").
 pub const DEFAULT_MAX_PAYLOAD: u32 = 1 << 20;
 /// nats-server refuses payload limits above 64 MiB.
 pub const MAX_MAX_PAYLOAD: u32 = 64 << 20;
@@ -454,7 +454,7 @@ mod tests {
         //! refused. (The exhaustive deny matrix is the integration suite's job.)
 
         use super::*;
-        use async_nats::jetstream::{self, consumer, kv};
+        use async_nats::jetstream::{self, consumer};
         use futures::StreamExt;
         use tokio::sync::mpsc;
 
@@ -588,13 +588,6 @@ mod tests {
                 .put("sha256-abc", &mut &b"wasm"[..])
                 .await
                 .unwrap();
-            admin
-                .create_key_value(kv::Config {
-                    bucket: "patchbay-fn-hello".into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
             let calls = admin.get_stream("CC_CALLS").await.unwrap();
             calls
                 .create_consumer(consumer::pull::Config {
@@ -631,11 +624,21 @@ mod tests {
                 .unwrap();
             assert_eq!(bytes, b"wasm");
 
-            // Function state: read and write its own bucket.
-            let state = js.get_key_value("patchbay-fn-hello").await.unwrap();
-            state.put("count", "1".into()).await.unwrap();
-            let rev = state.entry("count").await.unwrap().unwrap().revision;
-            state.update("count", "2".into(), rev).await.unwrap();
+            // Function state: the one declared bucket, the function's keys under its name.
+            let state = js.get_key_value("patchbay-fn-state").await.unwrap();
+            state.put("hello.count", "1".into()).await.unwrap();
+            let rev = state.entry("hello.count").await.unwrap().unwrap().revision;
+            state.update("hello.count", "2".into(), rev).await.unwrap();
+            let hello = patchbay_bus::Token::new("hello").unwrap();
+            let keys = patchbay_registry::state_keys(
+                &node,
+                &state,
+                &hello,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            assert_eq!(keys, ["count"]);
 
             // Stream trigger: pull from the function's consumer and ack.
             let consumer: consumer::PullConsumer = js

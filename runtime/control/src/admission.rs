@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
 use patchbay_bus::Token;
-use patchbay_host::ordering::{ORDERED_STREAM, partition_consumer};
-use patchbay_host::registry::{self, TICKS_STREAM, Trigger};
+use patchbay_registry::ordering::{ORDERED_STREAM, partition_consumer};
+use patchbay_registry::{self as registry, TICKS_STREAM, Trigger};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{AccessPolicy, HostRules, covers, overlaps};

@@ -20,12 +20,16 @@
 //! Every identity additionally subscribes to its own reply inbox `_INBOX.<kind>.<name>.>`
 //! (see [`Identity::inbox_prefix`]) and to nothing else below `_INBOX`.
 //!
-//! **Globs.** NATS subjects have no partial-token wildcards, so a grant on assets created at
-//! run time (`kv_write = ["patchbay-fn-*"]`, `consume = ["CC_CALLS/*"]` for the consumers
-//! `patchbay fn deploy` creates) renders the name token as `*` and adds a `deny` for every
-//! *declared* asset (from `deploy/streams.toml`) that the group is not granted by name. A glob
-//! therefore never covers a declared asset; it does cover any asset created later that
-//! nobody declared.
+//! **Globs.** NATS subjects have no partial-token wildcards, so a grant on consumers created
+//! at run time (`consume = ["CC_CALLS/fn-*"]` for the ones `patchbay fn deploy` creates)
+//! renders the consumer token as `*` and adds a `deny` for every *declared* consumer of that
+//! stream (from `deploy/streams.toml`) that the group is not granted by name. Such a glob
+//! never covers a declared consumer, nor any other stream; it does cover a consumer of that
+//! one declared stream that somebody created later without declaring it. KV buckets and
+//! object stores are granted by name only: their grants name the stream in a `$JS.API…`
+//! token, where a glob would have to be `*` and so reach every stream nobody declared
+//! (stream info, an unnamed consumer reading a whole stream). Function state is therefore
+//! one declared bucket, not a bucket per function.
 //!
 //! **Prefix.** [`AccessPolicy::with_subject_prefix`] prepends a prefix (default none) to
 //! application subjects; `$…` and `_INBOX…` subjects are left alone. It isolates subjects,
@@ -48,6 +52,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use patchbay_bus::pattern;
 use serde::{Deserialize, Serialize};
 
 use crate::certs::{Identity, IdentityError, is_identity_token};
@@ -255,9 +260,21 @@ pub enum AccessError {
         /// The asset.
         name: String,
     },
-    /// A non-admin reaches an undeclared asset through a grant by name (not a glob).
+    /// A KV or object store grant with a glob: it would reach streams nobody declared.
     #[error(
-        "identity {identity} (group {group:?}) may publish {subject:?} on an asset nobody declared, and not through a glob"
+        "group {group:?}: {field} entry {name:?} is a glob; buckets and object stores are granted by name only (a glob over stream names reaches every stream nobody declared)"
+    )]
+    StoreGlob {
+        /// The group.
+        group: String,
+        /// The field.
+        field: &'static str,
+        /// The entry.
+        name: String,
+    },
+    /// A non-admin reaches an undeclared asset.
+    #[error(
+        "identity {identity} (group {group:?}) may publish {subject:?} on an asset nobody declared"
     )]
     UndeclaredReachable {
         /// The identity.
@@ -319,16 +336,15 @@ pub struct Expectations {
     pub publish_refused: Vec<String>,
     /// Subjects (possibly wildcards) a subscription to which must succeed.
     pub subscribe_allowed: Vec<String>,
-    /// Subjects (possibly wildcards) a subscription to which must be refused.
+    /// Subjects (possibly wildcards) a subscription to which must be refused. For a
+    /// non-admin, `publish_refused` holds every probe of assets nobody declared
+    /// (`[undeclared]`, see [`Undeclared::probes`]): no grant reaches one.
     pub subscribe_refused: Vec<String>,
-    /// Probes of assets nobody declared (`[undeclared]`) that this identity's glob grants
-    /// reach: the server must let them through (they are what deploy/access.toml says a glob
-    /// can reach; every other probe is in `publish_refused`).
-    pub publish_glob_reachable: Vec<String>,
 }
 
 /// Assets no streams declaration declares, which the deny matrix creates as the admin and
-/// every other identity must be refused (`[undeclared]` in access.toml).
+/// every other identity must be refused, every probe of them (`[undeclared]` in
+/// access.toml; [`AccessPolicy::load`] refuses a policy that grants one).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Undeclared {
     /// Plain streams; the test gives each the subjects [`Undeclared::stream_subjects`].
@@ -481,7 +497,8 @@ impl fmt::Display for Member {
     }
 }
 
-/// An asset name in a grant: a declared name or a glob over names created at run time.
+/// A consumer name in a `consume` grant (and, parsed the same way, a store name, which
+/// must be a literal): a declared name or a glob over names created at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Name {
     Literal(String),
@@ -512,9 +529,9 @@ impl Name {
     }
 
     /// The subject token: the name itself, or `*` for a glob.
-    fn token(&self, prefix: &str) -> String {
+    fn token(&self) -> String {
         match self {
-            Self::Literal(name) => format!("{prefix}{name}"),
+            Self::Literal(name) => name.clone(),
             Self::Glob(_) => "*".to_owned(),
         }
     }
@@ -541,12 +558,12 @@ fn is_asset_char(c: char) -> bool {
 enum Grant {
     /// Pull from (and ack on) a durable consumer of a declared stream.
     Consume { stream: String, consumer: Name },
-    /// Read (get, watch, list keys) a KV bucket.
-    KvRead(Name),
-    /// Read and write (put, update with CAS, delete, purge) a KV bucket.
-    KvWrite(Name),
-    /// Read (get, list, watch) an object store.
-    ObjectRead(Name),
+    /// Read (get, watch, list keys) a declared KV bucket.
+    KvRead(String),
+    /// Read and write (put, update with CAS, delete, purge) a declared KV bucket.
+    KvWrite(String),
+    /// Read (get, list, watch) a declared object store.
+    ObjectRead(String),
 }
 
 /// One allowed subject and, for glob grants, the subjects of declared assets it must not
@@ -554,7 +571,7 @@ enum Grant {
 struct Rule {
     allow: String,
     deny_candidates: Vec<String>,
-    /// Whether the allow comes from a glob (reaches assets nobody declared).
+    /// Whether the allow comes from a glob (reaches consumers nobody declared).
     glob: bool,
 }
 
@@ -615,24 +632,18 @@ impl Grant {
                 ] {
                     rules.push(templated(
                         &template,
-                        &consumer.token(""),
+                        &consumer.token(),
                         consumer.is_glob(),
                         &known,
                     ));
                 }
             }
-            Self::KvRead(bucket) => rules.extend(stream_read_rules(bucket, "KV_", catalog)),
+            Self::KvRead(bucket) => rules.extend(stream_read_rules(bucket, "KV_")),
             Self::KvWrite(bucket) => {
-                rules.extend(stream_read_rules(bucket, "KV_", catalog));
-                let known: Vec<&String> = catalog.buckets.iter().collect();
-                rules.push(templated(
-                    "$KV.{}.>",
-                    &bucket.token(""),
-                    bucket.is_glob(),
-                    &known,
-                ));
+                rules.extend(stream_read_rules(bucket, "KV_"));
+                rules.push(literal(format!("$KV.{bucket}.>")));
             }
-            Self::ObjectRead(store) => rules.extend(stream_read_rules(store, "OBJ_", catalog)),
+            Self::ObjectRead(store) => rules.extend(stream_read_rules(store, "OBJ_")),
         }
         rules
     }
@@ -651,7 +662,7 @@ impl Grant {
             Self::KvRead(bucket) => stream_read_examples(bucket, "KV_"),
             Self::KvWrite(bucket) => {
                 let mut examples = stream_read_examples(bucket, "KV_");
-                examples.push(format!("$KV.{}.{EXAMPLE_TOKEN}", bucket.example()));
+                examples.push(format!("$KV.{bucket}.{EXAMPLE_TOKEN}"));
                 examples
             }
             Self::ObjectRead(store) => stream_read_examples(store, "OBJ_"),
@@ -690,65 +701,31 @@ fn templated(template: &str, token: &str, glob: bool, known: &[&String]) -> Rule
 /// it best-effort when an ordered consumer is recreated, ignores the refusal, and the server
 /// reaps the abandoned ephemeral consumer after its inactivity threshold.
 ///
-/// A glob's stream token is `*`, so it reaches every stream nobody declared. It is therefore
-/// narrowed to what the function host does with its own bucket (`get`, `put`, `delete`,
-/// `keys`), as far as NATS subjects allow: no classic `STREAM.MSG.GET` (every KV bucket is
-/// created with `allow_direct`), direct gets only in the by-subject form for subjects of the
-/// store's namespace (`…DIRECT.GET.*.$KV.*.>`), named consumers only with a filter in that
-/// namespace. What stays reachable on an undeclared stream is listed in deploy/access.toml
-/// and pinned by the `[undeclared]` probes.
-fn stream_read_rules(name: &Name, stream_prefix: &str, catalog: &Catalog) -> Vec<Rule> {
-    let known: Vec<&String> = catalog.streams.iter().collect();
-    let token = name.token(stream_prefix);
-    let glob = name.is_glob();
-    let templates: Vec<String> = if glob {
-        let namespace = store_namespace(stream_prefix);
-        vec![
-            format!("{JS_API}.STREAM.INFO.{{}}"),
-            format!("{JS_API}.DIRECT.GET.{{}}.{namespace}.*.>"),
-            // `keys()`/`watch()` create their ordered consumer without a name first, and
-            // recreate it with a name and the filter in the subject.
-            format!("{JS_API}.CONSUMER.CREATE.{{}}"),
-            format!("{JS_API}.CONSUMER.CREATE.{{}}.*.{namespace}.*.>"),
-            format!("{JS_API}.CONSUMER.INFO.{{}}.*"),
-            "$JS.FC.{}.>".to_owned(),
-        ]
-    } else {
-        vec![
-            format!("{JS_API}.STREAM.INFO.{{}}"),
-            format!("{JS_API}.STREAM.MSG.GET.{{}}"),
-            format!("{JS_API}.DIRECT.GET.{{}}"),
-            format!("{JS_API}.DIRECT.GET.{{}}.>"),
-            format!("{JS_API}.CONSUMER.CREATE.{{}}"),
-            format!("{JS_API}.CONSUMER.CREATE.{{}}.>"),
-            format!("{JS_API}.CONSUMER.INFO.{{}}.*"),
-            "$JS.FC.{}.>".to_owned(),
-        ]
-    };
-    templates
-        .iter()
-        .map(|template| templated(template, &token, glob, &known))
-        .collect()
+/// The store is named (never a glob: see [`AccessError::StoreGlob`]), so every subject
+/// names its stream `<stream_prefix><name>` and nothing reaches another stream.
+fn stream_read_rules(name: &str, stream_prefix: &str) -> Vec<Rule> {
+    let stream = format!("{stream_prefix}{name}");
+    [
+        format!("{JS_API}.STREAM.INFO.{stream}"),
+        format!("{JS_API}.STREAM.MSG.GET.{stream}"),
+        format!("{JS_API}.DIRECT.GET.{stream}"),
+        format!("{JS_API}.DIRECT.GET.{stream}.>"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}.>"),
+        format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
+        format!("$JS.FC.{stream}.>"),
+    ]
+    .into_iter()
+    .map(literal)
+    .collect()
 }
 
-/// The subject namespace of a KV bucket (`$KV`) or object store (`$O`) stream.
-fn store_namespace(stream_prefix: &str) -> &'static str {
-    if stream_prefix == "OBJ_" { "$O" } else { "$KV" }
-}
-
-/// Example subjects of reading the store behind `name` (stream `<stream_prefix><name>`).
-fn stream_read_examples(name: &Name, stream_prefix: &str) -> Vec<String> {
-    let example = name.example();
-    let stream = format!("{stream_prefix}{example}");
-    let direct = if name.is_glob() {
-        let namespace = store_namespace(stream_prefix);
-        format!("{JS_API}.DIRECT.GET.{stream}.{namespace}.{example}.{EXAMPLE_TOKEN}")
-    } else {
-        format!("{JS_API}.DIRECT.GET.{stream}")
-    };
+/// Example subjects of reading the store `name` (stream `<stream_prefix><name>`).
+fn stream_read_examples(name: &str, stream_prefix: &str) -> Vec<String> {
+    let stream = format!("{stream_prefix}{name}");
     vec![
         format!("{JS_API}.STREAM.INFO.{stream}"),
-        direct,
+        format!("{JS_API}.DIRECT.GET.{stream}"),
         format!("{JS_API}.CONSUMER.INFO.{stream}.{EXAMPLE_TOKEN}"),
     ]
 }
@@ -897,17 +874,11 @@ impl AccessPolicy {
         let mut subscribe_allowed = self.allowed_subscribe_examples(group, identity);
         let mut publish_refused = self.prefixed(&group.examples.refused_publish);
         let mut subscribe_refused = self.prefixed(&group.examples.refused_subscribe);
-        let mut publish_glob_reachable = Vec::new();
         if !group.is_admin() {
             publish_refused.extend(self.prefixed(&self.never_publish));
             subscribe_refused.extend(self.prefixed(&self.never_subscribe));
-            for probe in self.undeclared.probes() {
-                if perms.allows_publish(&probe) {
-                    publish_glob_reachable.push(probe);
-                } else {
-                    publish_refused.push(probe);
-                }
-            }
+            // Loading refused any policy under which one of these is reachable.
+            publish_refused.extend(self.undeclared.probes());
         }
         for other in &self.identities {
             if other == identity {
@@ -941,7 +912,6 @@ impl AccessPolicy {
             publish_refused: dedup(publish_refused),
             subscribe_allowed: dedup(subscribe_allowed),
             subscribe_refused: dedup(subscribe_refused),
-            publish_glob_reachable: dedup(publish_glob_reachable),
         })
     }
 
@@ -1031,20 +1001,11 @@ impl AccessPolicy {
     }
 
     fn permissions(&self, group: &Group, identity: &Identity) -> Permissions {
-        self.permissions_with(group, identity, true)
-    }
-
-    /// The permissions of `identity`; without `globs`, as if its glob grants were absent
-    /// (what it can reach by name alone).
-    fn permissions_with(&self, group: &Group, identity: &Identity, globs: bool) -> Permissions {
         let mut publish_allow = self.prefixed(&group.publish);
         let mut by_name = Vec::new();
         let mut candidates = Vec::new();
         for grant in &group.grants {
             for rule in grant.rules(&self.catalog) {
-                if rule.glob && !globs {
-                    continue;
-                }
                 if !rule.glob {
                     by_name.push(rule.allow.clone());
                 }
@@ -1178,9 +1139,8 @@ impl AccessPolicy {
             };
             let perms = self.permissions(group, identity);
             if !group.is_admin() {
-                let by_name = self.permissions_with(group, identity, false);
                 for subject in self.undeclared.probes() {
-                    if by_name.allows_publish(&subject) {
+                    if perms.allows_publish(&subject) {
                         return Err(AccessError::UndeclaredReachable {
                             identity: identity.to_string(),
                             group: group.name.clone(),
@@ -1322,10 +1282,14 @@ fn build_group(name: String, raw: RawGroup, catalog: &Catalog) -> Result<Group> 
         ("object_read", &raw.object_read, &catalog.object_stores),
     ] {
         for entry in list {
-            let parsed = Name::parse(&name, field, entry)?;
-            if let Name::Literal(n) = &parsed
-                && !known.contains(n)
-            {
+            let Name::Literal(store) = Name::parse(&name, field, entry)? else {
+                return Err(AccessError::StoreGlob {
+                    group: name,
+                    field,
+                    name: entry.clone(),
+                });
+            };
+            if !known.contains(&store) {
                 return Err(AccessError::UnknownAsset {
                     group: name,
                     field,
@@ -1333,9 +1297,9 @@ fn build_group(name: String, raw: RawGroup, catalog: &Catalog) -> Result<Group> 
                 });
             }
             grants.push(match field {
-                "kv_read" => Grant::KvRead(parsed),
-                "kv_write" => Grant::KvWrite(parsed),
-                _ => Grant::ObjectRead(parsed),
+                "kv_read" => Grant::KvRead(store),
+                "kv_write" => Grant::KvWrite(store),
+                _ => Grant::ObjectRead(store),
             });
         }
     }
@@ -1508,28 +1472,10 @@ pub fn apply_prefix(prefix: &str, subject: &str) -> String {
     }
 }
 
-/// Checks that `subject` is a NATS subject or pattern: non-empty tokens, no whitespace,
-/// `*` and `>` only as whole tokens, `>` only last. Returns the reason when it is not.
+/// Checks that `subject` is a NATS subject or pattern (the one syntax of
+/// [`patchbay_bus::pattern`]). Returns the reason when it is not.
 pub(crate) fn check_subject(subject: &str) -> std::result::Result<(), &'static str> {
-    if subject.is_empty() {
-        return Err("empty");
-    }
-    if subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace");
-    }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return Err("has an empty token");
-        }
-        if *token == ">" && i + 1 != tokens.len() {
-            return Err("`>` may only be the last token");
-        }
-        if token.len() > 1 && (token.contains('*') || token.contains('>')) {
-            return Err("wildcards must be whole tokens");
-        }
-    }
-    Ok(())
+    pattern::check(subject).map_err(|e| e.reason())
 }
 
 fn has_wildcard(subject: &str) -> bool {
@@ -1540,66 +1486,13 @@ fn starts_with_wildcard(subject: &str) -> bool {
     matches!(subject.split('.').next(), Some("*" | ">"))
 }
 
-/// Whether `subject` (its tokens taken literally) matches `pattern`.
+/// Whether `subject` (its tokens taken literally, as nats-server's permission check does)
+/// matches `pattern`.
 pub(crate) fn matches(pattern: &str, subject: &str) -> bool {
-    let mut subject_tokens = subject.split('.');
-    for p in pattern.split('.') {
-        match p {
-            ">" => return subject_tokens.next().is_some(),
-            "*" => {
-                if subject_tokens.next().is_none() {
-                    return false;
-                }
-            }
-            literal => {
-                if subject_tokens.next() != Some(literal) {
-                    return false;
-                }
-            }
-        }
-    }
-    subject_tokens.next().is_none()
+    pattern::matches_literally(pattern, subject)
 }
 
-/// Whether every subject matched by `small` is matched by `big`.
-pub(crate) fn covers(big: &str, small: &str) -> bool {
-    let mut small_tokens = small.split('.');
-    for b in big.split('.') {
-        match (b, small_tokens.next()) {
-            (_, None) => return false,
-            (">", Some(_)) => return true,
-            ("*", Some(s)) => {
-                if s == ">" {
-                    return false;
-                }
-            }
-            (literal, Some(s)) => {
-                if s != literal {
-                    return false;
-                }
-            }
-        }
-    }
-    small_tokens.next().is_none()
-}
-
-/// Whether some subject is matched by both patterns.
-pub(crate) fn overlaps(a: &str, b: &str) -> bool {
-    let (mut a_tokens, mut b_tokens) = (a.split('.'), b.split('.'));
-    loop {
-        match (a_tokens.next(), b_tokens.next()) {
-            (None, None) => return true,
-            (None, Some(_)) | (Some(_), None) => return false,
-            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
-            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
-            (Some(x), Some(y)) => {
-                if x != y {
-                    return false;
-                }
-            }
-        }
-    }
-}
+pub(crate) use pattern::{covers, overlaps};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1646,7 +1539,7 @@ consume = ["CC_CALLS/routing"]
 members = ["runtime/*"]
 publish = ["cc.v1.>"]
 consume = ["CC_CALLS/*"]
-kv_write = ["patchbay-fn-*"]
+kv_write = ["patchbay-fn-state"]
 "#;
 
     fn mini() -> AccessPolicy {
@@ -1659,29 +1552,23 @@ kv_write = ["patchbay-fn-*"]
     }
 
     #[test]
-    fn subject_matching_follows_nats_rules() {
-        assert!(matches("a.*.c", "a.b.c"));
-        assert!(!matches("a.*.c", "a.b.d"));
-        assert!(matches("a.>", "a.b.c"));
-        assert!(!matches("a.>", "a"));
-        assert!(matches(">", "a"));
-        assert!(!matches("a.b", "a.b.c"));
-        assert!(matches("_INBOX.x.>", "_INBOX.x.>"));
-        assert!(!matches("_INBOX.x.>", "_INBOX.>"));
-        assert!(covers("cc.v1.>", "cc.v1.calls.*.routed"));
-        assert!(!covers("cc.v1.calls.*.routed", "cc.v1.>"));
-        assert!(!covers("a.*", "a.>"));
-        assert!(overlaps("cc.v1.>", "cc.v1.calls.*.routed"));
-        assert!(overlaps("a.*.c", "a.b.*"));
-        assert!(!overlaps("a.b", "a.c"));
-        assert!(!overlaps("a.*", "a.b.c"));
+    fn subjects_are_checked_and_matched_by_the_bus_pattern_algebra() {
+        // The algebra itself is tested in patchbay-bus; here: the policy uses it.
+        assert!(
+            matches("a.*", "a.>"),
+            "the server's literal matching for examples"
+        );
+        assert!(!covers("a.*", "a.>") && overlaps("a.*", "a.>"));
         assert_eq!(check_subject("a..b"), Err("has an empty token"));
         assert_eq!(
             check_subject("a.>.b"),
             Err("`>` may only be the last token")
         );
         assert_eq!(check_subject("a.b*"), Err("wildcards must be whole tokens"));
-        assert!(check_subject("a b").is_err());
+        assert!(
+            check_subject("a\u{0}b").is_err(),
+            "control characters are refused"
+        );
     }
 
     #[test]
@@ -1786,9 +1673,7 @@ kv_write = ["patchbay-fn-*"]
     fn glob_grants_exclude_declared_assets_of_others() {
         let policy = policy();
         let perms = policy.permissions_for(&id("runtime/node-1")).unwrap();
-        // Function state buckets and function trigger consumers, created at run time.
-        assert!(perms.allows_publish("$KV.patchbay-fn-hello.key"));
-        assert!(perms.allows_publish("$JS.API.STREAM.INFO.KV_patchbay-fn-hello"));
+        // Function trigger consumers, created at run time on declared streams.
         assert!(perms.allows_publish("$JS.API.CONSUMER.MSG.NEXT.CC_CALLS.fn-hello"));
         assert!(perms.allows_publish("$JS.ACK.CC_CALLS.fn-hello.1.5.5.1.0"));
         // Declared assets that belong to others.
@@ -1797,7 +1682,7 @@ kv_write = ["patchbay-fn-*"]
         assert!(!perms.allows_publish("$KV.cc-agents.a1"));
         assert!(!perms.allows_publish("$JS.API.DIRECT.GET.KV_patchbay-tokens"));
         assert!(!perms.allows_publish("$JS.API.STREAM.INFO.KV_patchbay-tokens"));
-        // Declared assets granted by name still work despite the glob's denies.
+        // Declared assets granted by name.
         assert!(perms.allows_publish(
             "$JS.API.DIRECT.GET.KV_patchbay-functions.$KV.patchbay-functions.hello"
         ));
@@ -1806,77 +1691,136 @@ kv_write = ["patchbay-fn-*"]
     }
 
     #[test]
-    fn undeclared_assets_are_refused_except_what_the_function_state_glob_reaches() {
+    fn function_state_is_one_declared_bucket_granted_by_name_to_runtime_nodes_only() {
+        let policy = policy();
+        let node = policy.permissions_for(&id("runtime/node-1")).unwrap();
+        let bucket = patchbay_registry::FUNCTION_STATE_BUCKET;
+        // What the host does with it through async-nats: open, get, put, delete, list keys.
+        for allowed in [
+            format!("$JS.API.STREAM.INFO.KV_{bucket}"),
+            format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.hello.k"),
+            format!("$JS.API.CONSUMER.CREATE.KV_{bucket}"),
+            format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.c_1.$KV.{bucket}.hello.>"),
+            format!("$JS.API.CONSUMER.INFO.KV_{bucket}.c"),
+            format!("$KV.{bucket}.hello.k"),
+        ] {
+            assert!(node.allows_publish(&allowed), "{allowed}");
+        }
+        // Nothing of the old per-function buckets, nor purging everyone's state.
+        for refused in [
+            "$KV.patchbay-fn-hello.k".to_owned(),
+            "$JS.API.STREAM.INFO.KV_patchbay-fn-hello".to_owned(),
+            format!("$JS.API.STREAM.PURGE.KV_{bucket}"),
+        ] {
+            assert!(!node.allows_publish(&refused), "{refused}");
+        }
+        // HTTP functions have no kv import: the gateway holds no function state.
+        let gateway = policy.permissions_for(&id("gateway/gateway")).unwrap();
+        assert!(!gateway.allows_publish(&format!("$KV.{bucket}.hello.k")));
+        assert!(!gateway.allows_publish(&format!("$JS.API.STREAM.INFO.KV_{bucket}")));
+    }
+
+    #[test]
+    fn undeclared_assets_are_refused_to_every_workload_whatever_the_probe() {
         let policy = policy();
         let probes = policy.undeclared().probes();
-        assert!(probes.contains(&"$JS.API.STREAM.MSG.GET.UNDECLARED".to_owned()));
-        assert!(probes.contains(&"$JS.API.DIRECT.GET.KV_undeclared".to_owned()));
-        // Groups without globs on buckets: every probe refused.
-        for who in ["service/routing", "service/agents"] {
-            let e = policy.expectations(&id(who)).unwrap();
-            assert!(e.publish_glob_reachable.is_empty(), "{who}: {e:?}");
-            for probe in &probes {
-                assert!(e.publish_refused.contains(probe), "{who}: {probe}");
-            }
-        }
-        // The function hosts: exactly what deploy/access.toml's header lists.
-        let reachable = |stream: &str, stored: &str| {
-            vec![
-                format!("$JS.API.STREAM.INFO.{stream}"),
-                format!("$JS.API.CONSUMER.CREATE.{stream}"),
-                format!("$JS.API.CONSUMER.INFO.{stream}.deny-matrix"),
-            ]
-            .into_iter()
-            .chain(
-                stored
-                    .starts_with("$KV.")
-                    .then(|| {
-                        [
-                            format!("$JS.API.DIRECT.GET.{stream}.{stored}"),
-                            format!("$JS.API.CONSUMER.CREATE.{stream}.deny-matrix.{stored}"),
-                        ]
-                    })
-                    .into_iter()
-                    .flatten(),
-            )
-            .collect::<Vec<_>>()
-        };
-        let mut expected = reachable("UNDECLARED", "undeclared.UNDECLARED.deny-matrix");
-        expected.extend(reachable("KV_undeclared", "$KV.undeclared.deny-matrix"));
-        expected.push("$KV.undeclared.deny-matrix".to_owned());
-        expected.sort();
-        for who in ["runtime/node-1", "gateway/gateway"] {
-            let e = policy.expectations(&id(who)).unwrap();
-            let mut got = e.publish_glob_reachable.clone();
-            got.sort();
-            assert_eq!(got, expected, "{who}");
-            for probe in probes.iter().filter(|p| !expected.contains(p)) {
-                assert!(e.publish_refused.contains(probe), "{who}: {probe}");
-            }
-        }
-        // Never classic or body-form gets, durable consumers, pulls or acks.
-        let perms = policy.permissions_for(&id("runtime/node-1")).unwrap();
-        for refused in [
+        // The probes cover what a glob over stream names used to reach: stream info, an
+        // unnamed (ephemeral) consumer, by-subject direct gets and KV writes.
+        for probe in [
+            "$JS.API.STREAM.INFO.UNDECLARED",
+            "$JS.API.CONSUMER.CREATE.UNDECLARED",
+            "$JS.API.CONSUMER.INFO.UNDECLARED.deny-matrix",
             "$JS.API.STREAM.MSG.GET.UNDECLARED",
-            "$JS.API.DIRECT.GET.UNDECLARED",
-            "$JS.API.DIRECT.GET.UNDECLARED.undeclared.UNDECLARED.x",
-            "$JS.API.CONSUMER.DURABLE.CREATE.UNDECLARED.x",
-            "$JS.API.CONSUMER.MSG.NEXT.UNDECLARED.x",
-            "$JS.ACK.UNDECLARED.x.1.1.1.1.0",
+            "$JS.API.STREAM.INFO.KV_undeclared",
+            "$JS.API.CONSUMER.CREATE.KV_undeclared",
+            "$JS.API.CONSUMER.CREATE.KV_undeclared.deny-matrix.$KV.undeclared.deny-matrix",
+            "$JS.API.DIRECT.GET.KV_undeclared.$KV.undeclared.deny-matrix",
+            "$KV.undeclared.deny-matrix",
         ] {
-            assert!(!perms.allows_publish(refused), "{refused}");
+            assert!(probes.contains(&probe.to_owned()), "{probe} is not probed");
         }
-        // The host's own bucket still works the way async-nats uses it.
-        for allowed in [
-            "$JS.API.STREAM.INFO.KV_patchbay-fn-hello",
-            "$JS.API.DIRECT.GET.KV_patchbay-fn-hello.$KV.patchbay-fn-hello.k",
-            "$JS.API.CONSUMER.CREATE.KV_patchbay-fn-hello",
-            "$JS.API.CONSUMER.CREATE.KV_patchbay-fn-hello.c_1.$KV.patchbay-fn-hello.>",
-            "$JS.API.CONSUMER.INFO.KV_patchbay-fn-hello.c",
-            "$KV.patchbay-fn-hello.k",
+        for who in policy
+            .identities()
+            .iter()
+            .filter(|i| **i != Identity::admin())
+        {
+            let perms = policy.permissions_for(who).unwrap();
+            let e = policy.expectations(who).unwrap();
+            for probe in &probes {
+                assert!(!perms.allows_publish(probe), "{who} reaches {probe}");
+                assert!(e.publish_refused.contains(probe), "{who}: {probe}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_a_glob_over_buckets_or_object_stores() {
+        for (find, replace) in [
+            (
+                r#"kv_write = ["patchbay-fn-state"]"#,
+                r#"kv_write = ["patchbay-fn-*"]"#,
+            ),
+            (r#"kv_write = ["patchbay-fn-state"]"#, r#"kv_read = ["*"]"#),
+            (
+                r#"kv_write = ["patchbay-fn-state"]"#,
+                r#"object_read = ["patchbay-*"]"#,
+            ),
         ] {
-            assert!(perms.allows_publish(allowed), "{allowed}");
+            let err = mini_with(find, replace).unwrap_err();
+            assert!(
+                matches!(err, AccessError::StoreGlob { .. }),
+                "{replace}: {err}"
+            );
+            assert!(err.to_string().contains("by name only"), "{err}");
         }
+        // Consumer globs stay: they name their (declared) stream.
+        assert!(mini().host_rules("runtime").is_some());
+    }
+
+    #[test]
+    fn the_gateways_reading_of_the_stored_rules_refuses_exactly_what_its_nats_permissions_refuse() {
+        use patchbay_gateway::bus_routes::{ACCESS_BUCKET, BusGrants, RULES_KEY};
+        assert_eq!(ACCESS_BUCKET, crate::admission::ACCESS_BUCKET);
+        assert_eq!(RULES_KEY, crate::admission::RULES_KEY);
+        let policy = policy();
+        let stored = crate::admission::StoredRules::from_policy(&policy);
+        let document = serde_json::to_vec(&stored).unwrap();
+        let grants = BusGrants::from_document(&document).unwrap().unwrap();
+        let perms = policy.permissions_for(&id("gateway/gateway")).unwrap();
+        // Every application subject the deny matrix publishes, for any identity, plus a few
+        // outside every grant.
+        let mut subjects: BTreeSet<String> = [
+            "elsewhere.v1.x",
+            "patchbay.v1.runtime.status",
+            "patchbay.v1.fn.x.tick",
+            "cc.v1.tests.anything",
+            "cc.v1.calls.c1.routed",
+            "cc.v1.calls.c1.incoming",
+        ]
+        .map(str::to_owned)
+        .into();
+        for identity in policy.identities() {
+            let e = policy.expectations(identity).unwrap();
+            subjects.extend(e.publish_allowed.into_iter().chain(e.publish_refused));
+        }
+        let application = subjects
+            .iter()
+            .filter(|s| !s.starts_with('$') && !s.starts_with("_INBOX"));
+        let mut checked = 0;
+        for subject in application {
+            assert_eq!(
+                grants.check(subject).is_ok(),
+                perms.allows_publish(subject),
+                "{subject}: {:?}",
+                grants.check(subject)
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "only {checked} subjects compared");
+        // A document without gateway rules gives none.
+        let runtime_only = serde_json::json!({ "hosts": { "runtime": stored.hosts["runtime"] } });
+        let none = BusGrants::from_document(&serde_json::to_vec(&runtime_only).unwrap()).unwrap();
+        assert_eq!(none, None);
     }
 
     #[test]
@@ -2026,13 +1970,16 @@ kv_write = ["patchbay-fn-*"]
         .unwrap_err();
         assert!(matches!(err, AccessError::UnknownAsset { .. }), "{err}");
         let err = mini_with(
-            r#"kv_write = ["patchbay-fn-*"]"#,
+            r#"kv_write = ["patchbay-fn-state"]"#,
             r#"kv_write = ["no-such-bucket"]"#,
         )
         .unwrap_err();
         assert!(matches!(err, AccessError::UnknownAsset { .. }), "{err}");
-        let err =
-            mini_with(r#"kv_write = ["patchbay-fn-*"]"#, r#"kv_write = ["a.b"]"#).unwrap_err();
+        let err = mini_with(
+            r#"kv_write = ["patchbay-fn-state"]"#,
+            r#"kv_write = ["a.b"]"#,
+        )
+        .unwrap_err();
         assert!(matches!(err, AccessError::BadAssetName { .. }), "{err}");
         let err = mini_with("[groups.runtime]", "[groups.runtime]\nbogus = 1").unwrap_err();
         assert!(matches!(err, AccessError::Toml { .. }), "{err}");
@@ -2123,8 +2070,8 @@ subscribe = ["_INBOX.>"]"#,
     #[test]
     fn refuses_examples_the_policy_contradicts() {
         let err = mini_with(
-            r#"kv_write = ["patchbay-fn-*"]"#,
-            r#"kv_write = ["patchbay-fn-*"]
+            r#"kv_write = ["patchbay-fn-state"]"#,
+            r#"kv_write = ["patchbay-fn-state"]
 examples.publish = ["cc.v1.calls.x.routed"]"#,
         )
         .unwrap_err();

@@ -9,8 +9,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use patchbay_host::engine::{CodeOrigin, bench_instantiate_call};
-use patchbay_host::{
+use patchbay_engine::engine::{CodeOrigin, bench_instantiate_call};
+use patchbay_engine::{
     BusError, Engine, EngineConfig, Event, Failure, FunctionCode, HostCapabilities, Invocation,
     InvokeError, InvokeOutcome, KvError, Level, Limits, LoadError, MemoryCapabilities,
     PublishAllowList, Retry,

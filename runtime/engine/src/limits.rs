@@ -378,6 +378,17 @@ pub fn effective_concurrency(budget: &MemoryBudget, memory_bytes: u64, wanted: u
     }
 }
 
+/// `--memory-budget`: a memory size of at least 1 MiB.
+pub fn parse_budget(text: &str) -> Result<u64, String> {
+    let bytes = parse_memory_size(text).map_err(|e| e.to_string())?;
+    if bytes < 1 << 20 {
+        return Err(format!(
+            "a memory budget must be at least 1 MiB, not {text:?}"
+        ));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

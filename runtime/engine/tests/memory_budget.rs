@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use patchbay_host::{
+use patchbay_engine::{
     Engine, EngineConfig, Event, Invocation, InvokeError, Limits, MemoryCapabilities,
 };
 
@@ -83,6 +83,6 @@ async fn the_engine_cuts_a_limit_to_its_per_instance_ceiling() {
     assert_eq!(engine.instance_memory_bytes(&limits), 16 << 20);
     assert_eq!(
         engine.memory_budget().total_bytes(),
-        patchbay_host::limits::DEFAULT_MEMORY_BUDGET_BYTES
+        patchbay_engine::limits::DEFAULT_MEMORY_BUDGET_BYTES
     );
 }

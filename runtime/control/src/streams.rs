@@ -1,7 +1,7 @@
 //! `deploy/streams.toml` and the admin bootstrap that makes JetStream match it.
 //!
 //! The declaration lists the streams, KV buckets, object stores and durable consumers of
-//! DESIGN.md ("JetStream assets"). [`bootstrap`] creates what is missing and updates what
+//! docs/architecture.md ("Streams and buckets"). [`bootstrap`] creates what is missing and updates what
 //! differs, idempotently: a second run changes nothing and its [`BootstrapReport`] says so.
 //! Only the admin identity runs it (`patchbay up` / `patchbay bootstrap`); workloads are never
 //! granted stream, bucket or consumer administration (see [`crate::access`]).
@@ -10,9 +10,10 @@
 //! (`KV_<bucket>` with `$KV.<bucket>.>`, rollup, direct get, `discard: new`; `OBJ_<store>`
 //! with `$O.<store>.C.>` / `$O.<store>.M.>`), so `get_key_value` / `get_object_store` work on
 //! them unchanged. Comparison is by the fields the declaration manages, overlaid on what the
-//! server reports, so server-side defaults and metadata never count as drift. Per-function
-//! buckets (`patchbay-fn-<name>`) and function trigger consumers are not declared here:
-//! `patchbay fn deploy` creates them.
+//! server reports, so server-side defaults and metadata never count as drift. Function state
+//! is one declared bucket (`patchbay-fn-state`, keys `<function>.<key>`), so that every grant
+//! names a declared asset; function trigger consumers are not declared here: `patchbay fn
+//! deploy` creates them.
 //!
 //! This module does not decide who may use the assets (that is [`crate::access`]).
 
@@ -1140,11 +1141,19 @@ max_deliver = 5
                 "patchbay-resilience",
                 "cc-agents",
                 "patchbay-canary-verdicts",
+                "patchbay-fn-state",
                 "patchbay-access"
             ]
         );
         let functions = &decl.key_values[0];
         assert_eq!(functions.history, 16);
+        // The one bucket of every function's state, where the host looks for it.
+        let state = decl
+            .key_values
+            .iter()
+            .find(|k| k.bucket == patchbay_registry::FUNCTION_STATE_BUCKET)
+            .expect("the function state bucket is declared");
+        assert_eq!(state.history, 1);
         assert_eq!(decl.object_stores[0].bucket, "patchbay-artifacts");
         let logs = decl.stream("PATCHBAY_LOGS").unwrap();
         assert!(
