@@ -54,6 +54,10 @@ pub struct ServedFunction {
     pub failed: Option<String>,
 }
 
+/// How long [`Refusals::confirm`] gives a refusal notice to reach the watcher after the
+/// flush that proved the server processed the subscription.
+const NOTICE_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Refused subscriptions by subject (as sent, prefix included) → the server's message.
 type Refused = BTreeMap<String, String>;
 
@@ -61,6 +65,8 @@ type Refused = BTreeMap<String, String>;
 /// notices while the value lives.
 pub(crate) struct Refusals {
     refused: Arc<Mutex<Refused>>,
+    /// Subjects whose subscription the server has processed (see [`Refusals::confirm`]).
+    confirmed: Mutex<std::collections::BTreeSet<String>>,
     watcher: JoinHandle<()>,
 }
 
@@ -70,7 +76,36 @@ impl Refusals {
     pub(crate) fn watch(bus: &Bus) -> Self {
         let refused = Arc::<Mutex<Refused>>::default();
         let watcher = tokio::spawn(watch_refusals(bus.notices(), Arc::clone(&refused)));
-        Self { refused, watcher }
+        Self {
+            refused,
+            confirmed: Mutex::default(),
+            watcher,
+        }
+    }
+
+    /// Wait until the server has processed the subscription to `subject` just made (a
+    /// flush: the server answers the PING after the SUB, so its refusal, if any, comes
+    /// first), let the refusal's notice reach the watcher, and record the subject as
+    /// settled. Until then status does not report the function at all, so `fn deploy`
+    /// never sees "serving" for a subscription the server is about to refuse.
+    pub(crate) async fn confirm(&self, bus: &Bus, subject: &str) {
+        if let Err(e) = bus.client().flush().await {
+            tracing::warn!(subject, error = %e, "cannot confirm a subscription");
+        }
+        // The notice travels from the connection through the event callback and a
+        // broadcast channel to the watcher: a moment, not a round trip.
+        tokio::time::sleep(NOTICE_SETTLE).await;
+        self.confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(subject.to_owned());
+    }
+
+    fn is_confirmed(&self, subject: &str) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(subject)
     }
 
     /// The server's message refusing a subscription to `subject`, if it did.
@@ -91,6 +126,18 @@ impl Drop for Refusals {
 
 /// Why `f`'s trigger does not work on `node` (the server's refusal of its subscription),
 /// none while it works.
+/// Whether `f`'s trigger is still being set up on this node: a subject trigger whose
+/// subscription the server has neither processed nor refused yet.
+pub(crate) fn trigger_pending(node: &Node, f: &Deployed) -> bool {
+    match &f.spec.trigger {
+        Trigger::Subject { subject } => {
+            let full = node.bus.subjects().full(subject);
+            node.refusals.of(&full).is_none() && !node.refusals.is_confirmed(&full)
+        }
+        _ => false,
+    }
+}
+
 pub(crate) fn trigger_failure(node: &Node, f: &Deployed) -> Option<String> {
     match &f.spec.trigger {
         Trigger::Subject { subject } => node.refusals.of(&node.bus.subjects().full(subject)),
@@ -112,6 +159,7 @@ pub(crate) async fn run(node: Arc<Node>) {
             functions: node
                 .served()
                 .iter()
+                .filter(|f| !trigger_pending(&node, f))
                 .map(|f| ServedFunction {
                     name: f.name.to_string(),
                     version: f.spec.version,

@@ -27,6 +27,7 @@ impl TriggerLoop for SubjectTrigger {
             .queue_subscribe(self.subject.clone(), group)
             .await
             .map_err(|e| format!("subscribe {}: {e}", self.subject))?;
+        node.refusals.confirm(&node.bus, &self.subject).await;
         loop {
             let msg = tokio::select! {
                 () = stop.cancelled() => break,
