@@ -72,7 +72,7 @@ bench-tools: ## install wrk and the pinned wasmtime CLI (the gateway benchmark's
 	@scripts/install-bench-tools.sh
 
 bench: nats bench-tools wasm build-release ## benchmarks, each beside a baseline measured in the same run
-	$(CARGO_TARGET_DIR)/release/patchbay bench --nats-server $(PATCHBAY_NATS_SERVER) --components $(PATCHBAY_COMPONENTS)
+	$(CARGO_TARGET_DIR)/release/patchbay-bench --nats-server $(PATCHBAY_NATS_SERVER) --components $(PATCHBAY_COMPONENTS)
 	$(CARGO) run --release -q -p patchbay-agents --example bench_engine
 
 clean: ## remove local state (.patchbay) and built components; keeps the cargo cache

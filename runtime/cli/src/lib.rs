@@ -4,8 +4,7 @@
 //! * [`connection`], [`envfile`] — how commands reach the bus (flags, env, `.patchbay/env`);
 //! * [`function`] — the `patchbay fn …` commands ([`ordering`]: the partitioned copy and
 //!   partition consumers behind `fn deploy --ordered`); [`token`] — `patchbay token …` (gateway
-//!   API tokens); [`up`] — `patchbay up`; [`bench`], [`bench_gateway`], [`bench_topology`] —
-//!   `patchbay bench`;
+//!   API tokens); [`up`] — `patchbay up`;
 //!   [`status`] — `patchbay status` (components by NATS micro discovery, functions);
 //!   [`resilience`] — `patchbay resilience apply|show` (policies per target).
 //!
@@ -14,10 +13,6 @@
 //! It does not connect workloads to the bus (that is `patchbay-bus`), run functions
 //! (`patchbay-host`) or parse command lines (the `patchbay` binary does, on top of this).
 
-pub mod bench;
-pub mod bench_breaker;
-pub mod bench_gateway;
-pub mod bench_topology;
 pub mod connection;
 pub mod envfile;
 pub mod function;

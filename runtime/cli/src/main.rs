@@ -39,8 +39,6 @@ enum Command {
     /// Deploy and operate functions.
     #[command(subcommand, name = "fn")]
     Function(FnCommand),
-    /// Benchmarks, each beside a baseline measured in the same run.
-    Bench(patchbay_cli::bench::BenchArgs),
     /// API tokens for the HTTP gateway: create, list, revoke (admin).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -109,7 +107,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Bench(args) => patchbay_cli::bench::run(args).await,
         Command::Function(cmd) => {
             let bus = cli.connection.connect().await?;
             patchbay_cli::function::run(cmd, bus)

@@ -81,7 +81,7 @@ pub async fn run(command: ResilienceCommand, bus: Bus) -> anyhow::Result<()> {
 }
 
 /// The `patchbay-resilience` bucket (created by the bootstrap).
-pub(crate) async fn open(bus: &Bus) -> anyhow::Result<kv::Store> {
+pub async fn open(bus: &Bus) -> anyhow::Result<kv::Store> {
     bus.jetstream()
         .get_key_value(RESILIENCE_BUCKET)
         .await

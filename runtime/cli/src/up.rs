@@ -70,14 +70,14 @@ pub enum UpTopology {
 }
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
-pub(crate) struct Supervised {
+pub struct Supervised {
     name: String,
     child: Child,
 }
 
 impl Supervised {
     /// The process id.
-    pub(crate) fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -159,25 +159,24 @@ const EXAMPLES: &[Example] = &[
 ];
 
 /// A long-running process `up` starts, with its identity and flags.
-pub(crate) struct Workload {
+pub struct Workload {
     /// Label in the summary and log file name.
-    pub(crate) label: String,
+    pub label: String,
     binary: &'static str,
     /// The identity whose certificate the process gets; `None` for `patchbay-node`,
     /// which picks each service's own from the certificates directory.
     identity: Option<Identity>,
     args: Vec<String>,
-    pub(crate) env: Vec<(&'static str, String)>,
+    /// Environment set for the process, beyond the bus connection and admin listener.
+    pub env: Vec<(&'static str, String)>,
     /// Its admin listener (`PATCHBAY_ADMIN_LISTEN`).
-    pub(crate) admin: String,
+    pub admin: String,
 }
 
 impl Workload {
-    pub(crate) fn spawn(
-        &self,
-        state: &StateDir,
-        url: &str,
-    ) -> anyhow::Result<(Supervised, PathBuf)> {
+    /// Start the process against NATS at `url` with certificates from `state`, logging
+    /// to the state's log directory; returns it (stopped when dropped) and its log file.
+    pub fn spawn(&self, state: &StateDir, url: &str) -> anyhow::Result<(Supervised, PathBuf)> {
         let program = sibling(self.binary)?;
         let log = state
             .logs()
@@ -381,7 +380,7 @@ pub async fn run(args: UpArgs, state_dir: &Path) -> anyhow::Result<()> {
 /// identity) plus a `patchbay-runtime` per further node; with `split`, a process each.
 /// The gateway listens on `gateway_port`; routing and agents read `routing.toml` and
 /// `agents.toml` in `config_dir`.
-pub(crate) fn workloads(
+pub fn workloads(
     topology: UpTopology,
     gateway_port: u16,
     config_dir: &Path,

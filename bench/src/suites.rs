@@ -1,4 +1,4 @@
-//! `patchbay bench`: throughput and latency of a function on a `subject` trigger beside a
+//! `patchbay-bench`: throughput and latency of a function on a `subject` trigger beside a
 //! native async-nats echo responder, measured in the same run, on the same nats-server,
 //! with mutual TLS and the same tokio flavour on both sides — plus the engine's median
 //! instantiate+call time. Rounds alternate (native, function, native, …) and the median
@@ -27,11 +27,11 @@ use futures::StreamExt as _;
 use patchbay_bus::{BusConfig, CloudEvent};
 
 use crate::bench_gateway::{Killed, http_get, micros, sibling};
-use crate::function::{DeployArgs, FnCommand};
+use patchbay_cli::function::{DeployArgs, FnCommand};
 use patchbay_control::certs::Identity;
 use patchbay_control::local::{self, NatsPlan, StateDir};
 
-/// `patchbay bench` flags.
+/// `patchbay-bench` flags.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// The nats-server binary.
@@ -380,7 +380,7 @@ pub(crate) async fn deploy_bench(
     trigger: String,
     wait: Duration,
 ) -> anyhow::Result<()> {
-    crate::function::run(
+    patchbay_cli::function::run(
         FnCommand::Deploy(DeployArgs {
             publish: vec!["cc.v1.bench.>".into()],
             max_deliver: 1,
@@ -461,7 +461,7 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
     .await?;
 
     println!(
-        "patchbay bench: {} concurrent requesters, {}-byte CloudEvents, mTLS on every connection, \
+        "patchbay-bench: {} concurrent requesters, {}-byte CloudEvents, mTLS on every connection, \
          tokio {} on both sides, {} rounds × {:?}",
         args.concurrency, args.payload, args.flavour, args.rounds, args.duration
     );
@@ -676,10 +676,10 @@ pub(crate) fn spawn_workload(
         }
     }
     command
-        .env(crate::envfile::NATS_URL, &bed.nats.url)
-        .env(crate::envfile::NATS_CA, bed.prepared.state.ca())
-        .env(crate::envfile::NATS_CERT, &files.cert)
-        .env(crate::envfile::NATS_KEY, &files.key)
+        .env(patchbay_cli::envfile::NATS_URL, &bed.nats.url)
+        .env(patchbay_cli::envfile::NATS_CA, bed.prepared.state.ca())
+        .env(patchbay_cli::envfile::NATS_CERT, &files.cert)
+        .env(patchbay_cli::envfile::NATS_KEY, &files.key)
         .envs(env.iter().copied());
     let child = command
         .stdin(std::process::Stdio::null())
@@ -847,7 +847,7 @@ async fn tracing_cost(args: &BenchArgs) -> anyhow::Result<()> {
 /// Wait until a node serves version 1 of `name` (a restarted node reads the registry).
 async fn wait_serving(admin: &patchbay_bus::Bus, name: &str) -> anyhow::Result<()> {
     let started = Instant::now();
-    while crate::function::serving_nodes(admin, name, 1, Duration::from_millis(300))
+    while patchbay_cli::function::serving_nodes(admin, name, 1, Duration::from_millis(300))
         .await
         .is_empty()
     {

@@ -1,9 +1,9 @@
-//! `patchbay bench --suite topology`: the same call load against the two layouts of
+//! `patchbay-bench --suite topology`: the same call load against the two layouts of
 //! `deploy/topology.toml` — `monolith` (one `patchbay-node` running the gateway, routing,
 //! agents and a runtime node) and `split` (a process per service, the baseline) — each on
 //! a fresh local stack (nats-server with mutual TLS and JetStream in a temporary state
 //! directory, bootstrapped), started exactly as `patchbay up --topology …` starts them
-//! ([`crate::up::workloads`]).
+//! ([`patchbay_cli::up::workloads`]).
 //!
 //! Per layout: every process's `/readyz` answers 200, the `customer-lookup` example
 //! function is deployed (routing asks it about every call, so the runtime service is on the
@@ -24,10 +24,10 @@ use futures::StreamExt as _;
 use patchbay_bus::{Bus, CloudEvent};
 use patchbay_control::certs::Identity;
 
-use crate::bench::{BenchArgs, Testbed};
 use crate::bench_gateway::{free_port, http_get};
-use crate::function::{DeployArgs, FnCommand};
-use crate::up::UpTopology;
+use crate::suites::{BenchArgs, Testbed};
+use patchbay_cli::function::{DeployArgs, FnCommand};
+use patchbay_cli::up::UpTopology;
 
 /// Measured calls per layout, and their rate: 20 s of traffic.
 const CALLS: usize = 200;
@@ -82,7 +82,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
          each offer accepted and hung up); RSS summed over the layout's processes after the \
          load, nats-server excluded"
     );
-    let lookup = crate::bench::component(args, "customer-lookup")?;
+    let lookup = crate::suites::component(args, "customer-lookup")?;
     let monolith = layout(args, UpTopology::Monolith, "monolith", &lookup).await?;
     let split = layout(args, UpTopology::Split, "split (baseline)", &lookup).await?;
     println!();
@@ -141,7 +141,7 @@ async fn layout(
     std::fs::write(config_dir.join("routing.toml"), RULES)?;
     std::fs::write(config_dir.join("agents.toml"), AGENTS_CONFIG)?;
     let nodes = [Identity::new("runtime", "node-1")?];
-    let mut workloads = crate::up::workloads(topology, free_port()?, &config_dir, &nodes)?;
+    let mut workloads = patchbay_cli::up::workloads(topology, free_port()?, &config_dir, &nodes)?;
     let mut children = Vec::new();
     for workload in &mut workloads {
         workload.admin = format!("127.0.0.1:{}", free_port()?);
@@ -229,7 +229,7 @@ async fn deploy_lookup(admin: &Bus, file: &std::path::Path) -> anyhow::Result<()
             "subject:cc.v1.customers.lookup",
         )
     };
-    crate::function::run(FnCommand::Deploy(deploy), admin.clone())
+    patchbay_cli::function::run(FnCommand::Deploy(deploy), admin.clone())
         .await
         .context("cannot deploy customer-lookup")
 }

@@ -1,4 +1,4 @@
-//! `patchbay bench --suite breaker`: routing's decision latency when the customer-lookup
+//! `patchbay-bench --suite breaker`: routing's decision latency when the customer-lookup
 //! dependency hangs, with and without a circuit breaker, beside a healthy lookup measured
 //! in the same run.
 //!
@@ -19,8 +19,8 @@ use futures::StreamExt as _;
 use patchbay_bus::CloudEvent;
 use patchbay_bus::resilience::ResiliencePolicy;
 
-use crate::bench::{BenchArgs, Testbed, spawn_workload};
 use crate::bench_gateway::{Killed, free_port, http_get};
+use crate::suites::{BenchArgs, Testbed, spawn_workload};
 
 /// Calls per phase and their rate: 20 s of traffic at 25 calls/s.
 const CALLS: usize = 500;
@@ -114,8 +114,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 async fn apply_policy(admin: &patchbay_bus::Bus) -> anyhow::Result<()> {
     let policy = ResiliencePolicy::from_toml(LOOKUP_POLICY)?;
-    let store = crate::resilience::open(admin).await?;
-    crate::resilience::apply(&store, &policy, false).await?;
+    let store = patchbay_cli::resilience::open(admin).await?;
+    patchbay_cli::resilience::apply(&store, &policy, false).await?;
     Ok(())
 }
 

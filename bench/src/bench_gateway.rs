@@ -1,4 +1,4 @@
-//! `patchbay bench --suite gateway`: `GET` on a trivial `wasi:http` component through the
+//! `patchbay-bench --suite gateway`: `GET` on a trivial `wasi:http` component through the
 //! gateway (token check, route lookup, metrics, trace span — everything a real request
 //! gets) beside `wasmtime serve` on the same component file, with its default flags and
 //! with the tuned pooling flags of PERFORMANCE.md, in the same run, loaded by `wrk` with
@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::bench::BenchArgs;
-use crate::function::{DeployArgs, FnCommand};
+use crate::suites::BenchArgs;
+use patchbay_cli::function::{DeployArgs, FnCommand};
 use patchbay_control::certs::Identity;
 
 /// What every `wasmtime serve` run gets: the `wasi:cli` interfaces a Rust `wasm32-wasip2`
@@ -207,14 +207,14 @@ pub(crate) fn micros(d: Duration) -> String {
 
 /// Run the gateway benchmark.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let component = crate::bench::component(args, "http-echo")?;
+    let component = crate::suites::component(args, "http-echo")?;
     if !args.wasmtime.is_file() {
         bail!(
             "{} not found: `make bench` installs wasmtime-cli 48.0.8 there (or pass --wasmtime)",
             args.wasmtime.display()
         );
     }
-    let bed = crate::bench::Testbed::start(args).await?;
+    let bed = crate::suites::Testbed::start(args).await?;
     let (dir, state, nats, admin) = (&bed.dir, &bed.prepared.state, &bed.nats, &bed.admin);
 
     let gateway_port = free_port()?;
@@ -226,10 +226,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
             // The limiter still runs on every request; it just never refuses the load.
             .args(["--rate", "100000000", "--burst", "100000000"])
-            .env(crate::envfile::NATS_URL, &nats.url)
-            .env(crate::envfile::NATS_CA, state.ca())
-            .env(crate::envfile::NATS_CERT, &files.cert)
-            .env(crate::envfile::NATS_KEY, &files.key)
+            .env(patchbay_cli::envfile::NATS_URL, &nats.url)
+            .env(patchbay_cli::envfile::NATS_CA, state.ca())
+            .env(patchbay_cli::envfile::NATS_CERT, &files.cert)
+            .env(patchbay_cli::envfile::NATS_KEY, &files.key)
             .env("PATCHBAY_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
@@ -237,7 +237,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .spawn()
             .context("cannot start patchbay-gateway")?,
     );
-    crate::function::run(
+    patchbay_cli::function::run(
         FnCommand::Deploy(DeployArgs {
             max_deliver: 1,
             timeout: Duration::from_secs(5),
@@ -250,7 +250,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         admin.clone(),
     )
     .await?;
-    let token = crate::token::create_token(
+    let token = patchbay_cli::token::create_token(
         admin,
         "bench",
         vec![patchbay_gateway::token::Scope::Admin],
