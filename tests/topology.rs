@@ -207,10 +207,17 @@ async fn call_flow(stack: &Stack, system: &System) -> Vec<String> {
     let mut accepted = false;
     let mut hung_up = false;
     let deadline = tokio::time::Instant::now() + READY;
-    while !lines
-        .iter()
-        .any(|l: &String| l.starts_with("cc.v1.surveys.c-1.scheduled"))
-    {
+    // Done when the downstream function has run and the agent is back from wrap-up: the
+    // two ends of the flow, whichever comes first.
+    let done = |lines: &[String]| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("cc.v1.surveys.c-1.scheduled"))
+            && lines.iter().any(|l| {
+                l.starts_with("cc.v1.agents.a-1.") && l.contains("from=wrap-up to=available")
+            })
+    };
+    while !done(&lines) {
         let message = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut seen))
             .await
             .unwrap_or_else(|_| panic!("the flow stalled after {lines:#?}"))
@@ -226,7 +233,7 @@ async fn call_flow(stack: &Stack, system: &System) -> Vec<String> {
             patchbay_bus::CloudEvent::from_message(message.headers.as_ref(), &message.payload)
                 .unwrap();
         let data: Value = serde_json::from_slice(&message.payload).unwrap_or(Value::Null);
-        let what = ["state", "queue", "agent", "customer_tier"]
+        let what = ["state", "from", "to", "queue", "agent", "customer_tier"]
             .iter()
             .filter_map(|k| {
                 data.get(*k)

@@ -219,11 +219,23 @@ proptest! {
             let refused = CloudEvent::from_message(Some(&headers), &Bytes::new());
             prop_assert!(refused.is_err());
         }
+        // Valid: empty lines, `name: value` lines, and lines that start with white space
+        // right after a header (its continuation); a continuation of nothing is not.
+        let mut after_header = false;
         let all_valid = !invalid_utf8
             && lines.iter().all(|l| {
                 let l = l.replace(['\r', '\n'], "");
-                l.is_empty() || l.starts_with(char::is_whitespace) || l.split_once(':')
-                    .is_some_and(|(n, _)| n.parse::<HeaderName>().is_ok())
+                if l.is_empty() {
+                    after_header = false;
+                    true
+                } else if l.starts_with(char::is_whitespace) {
+                    after_header
+                } else {
+                    after_header = l
+                        .split_once(':')
+                        .is_some_and(|(n, _)| n.parse::<HeaderName>().is_ok());
+                    after_header
+                }
             });
         if all_valid {
             prop_assert!(!malformed, "a valid block was marked malformed: {lines:?}");
@@ -259,4 +271,18 @@ proptest! {
             PlatformSubject::Dlq { function: token }
         );
     }
+}
+
+/// Found by the property above: a continuation line with no header before it is a
+/// malformed line, not a valid empty continuation.
+#[test]
+fn a_continuation_of_nothing_is_malformed_and_a_continuation_of_a_header_is_not() {
+    let parse = |block: &[u8]| {
+        let (headers, _, _) = async_nats::connection::parse_header_block(block);
+        headers
+            .get(async_nats::connection::MALFORMED_HEADERS)
+            .is_some()
+    };
+    assert!(parse(b"NATS/1.0\r\n \r\n\r\n"));
+    assert!(!parse(b"NATS/1.0\r\nA: b\r\n c\r\n\r\n"));
 }
