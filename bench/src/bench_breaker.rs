@@ -28,9 +28,9 @@ const RATE_PER_SEC: u64 = 25;
 /// The routing service's own lookup timeout (its default).
 const LOOKUP_TIMEOUT: &str = "250ms";
 
-/// Rules that route every call to one queue around the clock, so the figure does not
-/// depend on the hour the benchmark runs at.
-const RULES: &str = r#"
+/// Rules that route every call to queue `general` around the clock, so a figure does not
+/// depend on the hour the benchmark runs at (the topology suite uses them too).
+pub(crate) const RULES: &str = r#"
 default_tier = "standard"
 
 [[schedules]]

@@ -39,24 +39,6 @@ const AGENTS: usize = 20;
 /// How long each process has to become ready, and the deploy to be served.
 const READY: Duration = Duration::from_secs(90);
 
-/// Every call to one queue around the clock, so the figure does not depend on the hour.
-const RULES: &str = r#"
-default_tier = "standard"
-
-[[schedules]]
-name = "open"
-tz = "UTC"
-closed_treatment = "msg-closed"
-hours = [{ days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], open = "00:00", close = "24:00" }]
-
-[[queues]]
-name = "general"
-
-[default]
-queue = "general"
-schedule = "open"
-"#;
-
 /// Offers never expire during the run; a hung-up agent is free at once.
 const AGENTS_CONFIG: &str = "offer_timeout_ms = 60000\nwrap_up_ms = 0\n";
 
@@ -138,7 +120,7 @@ async fn layout(
     let bed = Testbed::start(args).await?;
     let config_dir = bed.dir.path().join("config");
     std::fs::create_dir_all(&config_dir)?;
-    std::fs::write(config_dir.join("routing.toml"), RULES)?;
+    std::fs::write(config_dir.join("routing.toml"), crate::bench_breaker::RULES)?;
     std::fs::write(config_dir.join("agents.toml"), AGENTS_CONFIG)?;
     let nodes = [Identity::new("runtime", "node-1")?];
     let mut workloads = patchbay_cli::up::workloads(topology, free_port()?, &config_dir, &nodes)?;

@@ -8,11 +8,14 @@
 //! * [`capabilities`] — the bus/kv/config/log imports, the publish allow-list, the
 //!   [`HostCapabilities`] trait a host implements and [`MemoryCapabilities`], an in-memory
 //!   implementation for tests and tools;
-//! * [`limits`] — per-invocation limits and the memory budget they reserve from.
+//! * [`limits`] — per-invocation limits and the memory budget they reserve from;
+//! * `args` (feature `cli`) — the engine flags every function-hosting binary shares.
 //!
 //! It never talks to NATS, reads a registry or decides what triggers an invocation: the
 //! runtime node (`patchbay-host`) and the gateway wire those around it.
 
+#[cfg(feature = "cli")]
+pub mod args;
 pub mod capabilities;
 pub mod engine;
 pub mod limits;

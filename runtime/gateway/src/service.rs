@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use patchbay_bus::args::BusArgs;
-use patchbay_engine::EngineConfig;
+use patchbay_engine::args::EngineArgs;
 use patchbay_telemetry::ServiceContext;
 
 use crate::{GatewayConfig, TlsFiles};
@@ -55,19 +55,9 @@ pub struct Args {
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, env = "PATCHBAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
-    /// Instance slots for HTTP functions (concurrent requests they serve).
-    #[arg(long, env = "PATCHBAY_MAX_INSTANCES", default_value_t = 256)]
-    pub max_instances: u32,
-    /// Linear memory all HTTP function requests may hold together, e.g. `2GiB`, `512MiB`
-    /// (a bare number is MiB), as on a runtime node. Each request reserves its version's
-    /// whole `--memory` before its instance starts; what does not fit waits at most half
-    /// its deadline and is then answered 503 (counted in `patchbay_fn_shed_total`). A
-    /// version whose memory exceeds the budget is not served.
-    #[arg(long, env = "PATCHBAY_MEMORY_BUDGET", default_value = "4GiB", value_parser = patchbay_engine::limits::parse_budget)]
-    pub memory_budget: u64,
-    /// Directory for compiled components, so a restart skips compilation.
-    #[arg(long, env = "PATCHBAY_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    /// The engine of the HTTP functions: instance slots, memory budget, compile cache.
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Write the bound public address here once listening (for --listen with port 0).
     #[arg(long, env = "PATCHBAY_GATEWAY_ADDRESS_FILE")]
     pub address_file: Option<PathBuf>,
@@ -137,12 +127,7 @@ pub async fn serve(
     config.max_header_bytes = args.max_header_bytes;
     config.max_connections = args.max_connections;
     config.max_connections_per_ip = args.max_connections_per_ip;
-    config.engine = EngineConfig {
-        max_concurrent_instances: args.max_instances,
-        memory_budget_bytes: args.memory_budget,
-        cache_dir: args.cache_dir,
-        ..EngineConfig::default()
-    };
+    config.engine = args.engine.config();
     crate::run(config, metrics, context.readiness("registry"), shutdown)
         .await
         .context("gateway failed")

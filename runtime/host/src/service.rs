@@ -4,14 +4,13 @@
 //! beside other services.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use patchbay_bus::args::BusArgs;
 use patchbay_telemetry::ServiceContext;
 
-use patchbay_engine::EngineConfig;
+use patchbay_engine::args::EngineArgs;
 
 use crate::NodeConfig;
 
@@ -24,21 +23,9 @@ pub struct Args {
     /// How long SIGTERM waits for in-flight invocations.
     #[arg(long, env = "PATCHBAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
-    /// Instance slots in the pooling allocator (concurrent invocations across functions).
-    #[arg(long, env = "PATCHBAY_MAX_INSTANCES", default_value_t = 256)]
-    pub max_instances: u32,
-    /// Linear memory all invocations on this node may hold together, e.g. `2GiB`, `512MiB`
-    /// (a bare number is MiB). Each invocation reserves its version's whole `--memory`
-    /// before it starts; what does not fit waits until its deadline (or, without one, for
-    /// its timeout) and is then refused as overloaded. A version runs at most
-    /// budget / memory invocations at once; one whose memory exceeds the budget is not
-    /// served. Leave room for the runtime itself (~150 MiB) within the host's memory.
-    #[arg(long, env = "PATCHBAY_MEMORY_BUDGET", default_value = "4GiB", value_parser = patchbay_engine::limits::parse_budget)]
-    pub memory_budget: u64,
-    /// Directory for compiled components (keyed by digest and engine), so a restarted
-    /// node skips compilation. Unset: compile into memory only.
-    #[arg(long, env = "PATCHBAY_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    /// The engine: instance slots, memory budget, compile cache.
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// The bus connection (its own certificate: see `identity`).
     #[command(flatten)]
     pub bus: BusArgs,
@@ -59,18 +46,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let metrics = context.metrics();
-    let engine = EngineConfig {
-        max_concurrent_instances: args.max_instances,
-        memory_budget_bytes: args.memory_budget,
-        cache_dir: args.cache_dir,
-        ..EngineConfig::default()
-    };
     let config = NodeConfig {
         bus: args
             .bus
             .service_config("patchbay-runtime", &args.node, metrics)?,
         node: args.node,
-        engine,
+        engine: args.engine.config(),
         drain_timeout: args.drain_timeout,
     };
     crate::run(config, metrics, context.readiness("registry"), shutdown)

@@ -7,7 +7,7 @@
 //! service keeps exactly the permissions it has alone.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -155,10 +155,9 @@ fn argv(kind: ServiceKind, extra: &[String], certs_dir: &Path) -> Vec<String> {
         argv.push("--nats-ca".into());
         argv.push(certs_dir.join("ca.crt").display().to_string());
     }
-    let placeholder = PathBuf::from("-").display().to_string();
     for flag in ["--nats-cert", "--nats-key"] {
         argv.push(flag.into());
-        argv.push(placeholder.clone());
+        argv.push("-".into());
     }
     argv.extend(extra.iter().cloned());
     argv

@@ -20,7 +20,6 @@ pub mod launch;
 pub mod supervisor;
 pub mod topology;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -130,10 +129,4 @@ pub async fn run(
         failed.join("; ")
     );
     Ok(())
-}
-
-/// Where `patchbay up` keeps certificates, the default of `--certs-dir`.
-#[must_use]
-pub fn default_certs_dir() -> PathBuf {
-    PathBuf::from(".patchbay/certs")
 }

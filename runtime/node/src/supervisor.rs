@@ -95,10 +95,7 @@ where
             }
         };
         if shutdown.is_cancelled() {
-            return match exit {
-                Exit::Failed(_) | Exit::Panicked(_) => exit,
-                Exit::Stopped => Exit::Stopped,
-            };
+            return exit;
         }
         failures = if began.elapsed() >= backoff.reset_after {
             1

@@ -15,8 +15,7 @@ pub struct ServiceContext {
     service: String,
     metrics: Metrics,
     health: Health,
-    shared: bool,
-    /// Sharing a process: the `<service>` check, ready once the service has registered
+    /// Sharing a process (`None` alone): the `<service>` check, ready once the service has registered
     /// its own (so `/readyz` is not ready before a slow starter has said what it waits for).
     started: Option<ReadyFlag>,
 }
@@ -29,7 +28,6 @@ impl ServiceContext {
             service: service.into(),
             metrics,
             health,
-            shared: false,
             started: None,
         }
     }
@@ -49,7 +47,6 @@ impl ServiceContext {
             started: Some(health.check(&service)),
             service,
             health,
-            shared: true,
         })
     }
 
@@ -70,14 +67,13 @@ impl ServiceContext {
     /// `<service>/<check>`.
     #[must_use]
     pub fn readiness(&self, check: &str) -> ReadyFlag {
-        if self.shared {
-            let flag = self.health.check(&format!("{}/{check}", self.service));
-            if let Some(started) = &self.started {
+        match &self.started {
+            Some(started) => {
+                let flag = self.health.check(&format!("{}/{check}", self.service));
                 started.set_ready(true);
+                flag
             }
-            flag
-        } else {
-            self.health.register(check)
+            None => self.health.register(check),
         }
     }
 
