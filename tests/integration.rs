@@ -7,6 +7,7 @@
 
 mod access;
 mod agents;
+mod batch;
 mod canary;
 mod drain;
 mod function_behaviour;

@@ -548,6 +548,23 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every series of the metric `name` whose labels contain `containing` (e.g.
+/// `mode="atomic"`; `""` for all of them) in a /metrics body.
+#[must_use]
+pub fn metric_sum(body: &str, name: &str, containing: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = rest.rsplit_once(' ')?;
+            (labels.is_empty() || labels.starts_with('{'))
+                .then_some(())
+                .filter(|()| labels.contains(containing))?;
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
 // ---------------------------------------------------------------------------------------
 // Durable publishing and consumer state (first used by tests/agents.rs)
 

@@ -548,6 +548,21 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, ConnectError> {
     })
 }
 
+/// The size of a message on the wire, approximately: payload, headers and the `NATS/1.0`
+/// header line.
+pub(crate) fn message_size(headers: &HeaderMap, payload: &Bytes) -> usize {
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, vs)| {
+            let name: &str = k.as_ref();
+            vs.iter()
+                .map(|v| name.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    payload.len() + header_bytes + 12
+}
+
 /// Why a publish failed.
 #[derive(Debug, Error)]
 pub enum PublishError {
@@ -748,7 +763,7 @@ impl Bus {
         }
     }
 
-    fn count_published(&self, subject: &str) {
+    pub(crate) fn count_published(&self, subject: &str) {
         if let Some(metrics) = &self.metrics {
             let from = self.from.as_deref().unwrap_or(trace::UNKNOWN_IDENTITY);
             metrics.published(from, &trace::subject_class(&self.subjects, subject));
@@ -788,16 +803,7 @@ impl Bus {
         headers: &HeaderMap,
         payload: &Bytes,
     ) -> Result<(), PublishError> {
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(k, vs)| {
-                let name: &str = k.as_ref();
-                vs.iter()
-                    .map(|v| name.len() + v.as_str().len() + 4)
-                    .sum::<usize>()
-            })
-            .sum();
-        let size = payload.len() + header_bytes + 12;
+        let size = message_size(headers, payload);
         let max = self.max_payload();
         if max > 0 && size > max {
             return Err(PublishError::TooLarge {
@@ -807,6 +813,11 @@ impl Bus {
             });
         }
         Ok(())
+    }
+
+    /// The edge metrics, when this connection counts them.
+    pub(crate) fn metrics(&self) -> Option<&BusMetrics> {
+        self.metrics.as_ref()
     }
 
     /// Publish `event` on `subject` (core NATS: at most once) inside a `publish` span.
@@ -883,7 +894,34 @@ impl Bus {
         .instrument(span)
         .await?;
         self.count_published(subject);
+        if let Some(metrics) = &self.metrics {
+            metrics.stored_per_commit("single", 1);
+        }
         Ok(ack)
+    }
+
+    /// `event` as a message for a [`crate::batch`] publish: validated, with the headers
+    /// [`Bus::publish_durable`] would send (CloudEvent attributes, the trace context of
+    /// `span`, the current hop chain, `deadline`, the sender), de-duplicated by
+    /// `message_id`, and checked against the server's max payload.
+    pub fn durable(
+        &self,
+        subject: &str,
+        event: &CloudEvent,
+        message_id: &str,
+        span: &tracing::Span,
+        deadline: Option<Deadline>,
+    ) -> Result<crate::batch::Durable, PublishError> {
+        event.validate()?;
+        let mut headers = Self::headers(event, span, deadline);
+        self.stamp_sender(&mut headers);
+        self.check_size(subject, &headers, &event.data)?;
+        Ok(crate::batch::Durable {
+            subject: subject.to_owned(),
+            headers,
+            payload: event.data.clone(),
+            id: message_id.to_owned(),
+        })
     }
 
     /// Send `event` as a request on `subject` and wait for the reply, within

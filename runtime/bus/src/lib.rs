@@ -4,7 +4,7 @@
 //! workload), the subject mechanism and the platform subjects, the one subject-pattern
 //! algebra ([`pattern`]: match, cover, overlap) every policy and allow-list uses, the
 //! CloudEvents envelope on NATS headers, W3C trace-context propagation, the
-//! `patchbay-deadline` header and the publish/request primitives that apply all of them, plus the two record shapes every
+//! `patchbay-deadline` header and the publish/request primitives that apply all of them (single, and in atomic batches: [`batch`]), plus the two record shapes every
 //! component shares: the reply to an invocation ([`reply`]) and the dead-letter record
 //! ([`dlq`]), the NATS micro discovery every component answers ([`discovery`]), the
 //! request-side resilience mechanisms, policies and request loop ([`resilience`]), and
@@ -21,6 +21,8 @@
 
 #[cfg(feature = "cli")]
 pub mod args;
+#[cfg(feature = "client")]
+pub mod batch;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "client")]

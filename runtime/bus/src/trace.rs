@@ -149,7 +149,13 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
 pub struct BusMetrics {
     published: IntCounterVec,
     received: IntCounterVec,
+    stored_per_commit: prometheus::HistogramVec,
 }
+
+/// Buckets of `patchbay_bus_stored_per_commit`: 1 to the largest atomic batch.
+const PER_COMMIT_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+];
 
 impl BusMetrics {
     /// Registers `patchbay_bus_messages_published_total{from,subject_class}` and
@@ -168,7 +174,22 @@ impl BusMetrics {
                  patchbay-from header), receiver identity and subject class.",
                 &["from", "to", "subject_class"],
             )?,
+            stored_per_commit: metrics.histogram_vec(
+                "patchbay_bus_stored_per_commit",
+                "Messages stored per commit to a stream, by how they were sent (single: one \
+                 durable publish; pipelined: one of several acked one by one; atomic: one \
+                 atomic batch). Under sync_interval: always each commit costs the server \
+                 one fsync, so _sum / _count is messages per fsync.",
+                &["mode"],
+                &PER_COMMIT_BUCKETS,
+            )?,
         })
+    }
+
+    pub(crate) fn stored_per_commit(&self, mode: &str, messages: usize) {
+        self.stored_per_commit
+            .with_label_values(&[mode])
+            .observe(messages as f64);
     }
 
     pub(crate) fn published(&self, from: &str, subject_class: &str) {

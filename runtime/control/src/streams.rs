@@ -235,6 +235,10 @@ pub struct StreamSpec {
     /// De-duplication window by `Nats-Msg-Id` (none: the declaration's default).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub duplicate_window: Option<Duration>,
+    /// Accept atomic batch publishes (`allow_atomic`, nats-server ≥ 2.12): what
+    /// `patchbay_bus::batch` stores a whole batch with in one commit.
+    #[serde(default)]
+    pub allow_atomic: bool,
 }
 
 /// One KV bucket.
@@ -705,6 +709,7 @@ pub fn stream_config(spec: &StreamSpec, decl: &Declaration, prefix: &str) -> str
         max_message_size: msg_size(spec.max_msg_size),
         num_replicas: spec.replicas,
         duplicate_window: spec.duplicate_window.unwrap_or(decl.duplicate_window),
+        allow_atomic_publish: spec.allow_atomic,
         ..Default::default()
     }
 }
@@ -836,6 +841,7 @@ fn overlay_stream(existing: &stream::Config, desired: &stream::Config) -> stream
     merged.deny_delete = desired.deny_delete;
     merged.deny_purge = desired.deny_purge;
     merged.allow_direct = desired.allow_direct;
+    merged.allow_atomic_publish = desired.allow_atomic_publish;
     if !desired.duplicate_window.is_zero() {
         merged.duplicate_window = desired.duplicate_window;
     }

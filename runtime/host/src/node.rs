@@ -41,6 +41,10 @@ pub struct NodeConfig {
     pub engine: EngineConfig,
     /// How long shutdown waits for in-flight invocations.
     pub drain_timeout: Duration,
+    /// Most outputs of stream and schedule triggers stored in one atomic batch (group
+    /// commit across the invocations that finish together); 0: each output with its own
+    /// durable publish.
+    pub output_batch: usize,
 }
 
 /// Why a node stopped.
@@ -155,6 +159,8 @@ pub(crate) struct Node {
     pub(crate) canaries: crate::canary::Canaries,
     /// Trigger subscriptions the server refused (see [`triggers::status`]).
     pub(crate) refusals: triggers::status::Refusals,
+    /// Stores durable outputs in shared atomic batches (none: one publish per output).
+    pub(crate) outputs: Option<patchbay_bus::batch::GroupCommit>,
 }
 
 /// Run a node until `shutdown` resolves, then drain: every trigger stops taking new work
@@ -175,6 +181,12 @@ pub async fn run(
     let resilience = patchbay_bus::resilience::Resilience::start(&bus, metrics).await?;
     // Before any trigger subscribes, so that no refusal is missed.
     let refusals = triggers::status::Refusals::watch(&bus);
+    let outputs = (config.output_batch > 0).then(|| {
+        patchbay_bus::batch::GroupCommit::start(
+            patchbay_bus::batch::BatchPublisher::new(&bus),
+            config.output_batch,
+        )
+    });
     let node = Arc::new(Node {
         name: config.node.clone(),
         bus,
@@ -190,6 +202,7 @@ pub async fn run(
         triggers: Mutex::default(),
         canaries: crate::canary::Canaries::default(),
         refusals,
+        outputs,
     });
 
     node.load_verdicts().await;

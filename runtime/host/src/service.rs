@@ -23,6 +23,11 @@ pub struct Args {
     /// How long SIGTERM waits for in-flight invocations.
     #[arg(long, env = "PATCHBAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Most outputs of stream and schedule triggers stored in one atomic batch: the
+    /// outputs of invocations that finish together share a commit (one fsync); 0 stores
+    /// each output with its own publish.
+    #[arg(long, env = "PATCHBAY_OUTPUT_BATCH", default_value_t = patchbay_bus::batch::MAX_BATCH)]
+    pub output_batch: usize,
     /// The engine: instance slots, memory budget, compile cache.
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -53,6 +58,7 @@ pub async fn serve(
         node: args.node,
         engine: args.engine.config(),
         drain_timeout: args.drain_timeout,
+        output_batch: args.output_batch,
     };
     crate::run(config, metrics, context.readiness("registry"), shutdown)
         .await

@@ -10,6 +10,7 @@
 //! | `patchbay_agents_outputs_total` | `event` (`queued`, `offered`, …, `state-changed`, `missed`) | events published |
 //! | `patchbay_agents_replayed_outputs_total` | — | outputs the stream already held when published again: the restored outbox after a crash, or a retried publish (harmless) |
 //! | `patchbay_agents_replay_divergence_total` | — | freshly decided outputs whose id the stream already held: the engine went back behind what it had published and may contradict the stream; 0 in normal operation, crashes included |
+//! | `patchbay_agents_output_commits_total` | — | stream commits that stored outputs: one per atomic batch (per stream and engine batch), one per output published singly; `outputs_total / output_commits_total` is outputs per fsync |
 //! | `patchbay_agents_batch_inputs` | — | inputs per batch (histogram) |
 //! | `patchbay_agents_batch_duration_seconds` | `stage` (`apply`, `publish`, `snapshot`) | batch time by stage |
 //! | `patchbay_agents_snapshot_bytes` | `encoding` (`compressed`, `json`) | size of the last snapshot |
@@ -50,6 +51,8 @@ pub struct AgentsMetrics {
     pub replayed: IntCounterVec,
     /// Fresh outputs whose id the stream already held.
     pub divergence: IntCounterVec,
+    /// Stream commits of outputs (atomic batches, or single publishes).
+    pub commits: IntCounterVec,
     /// Inputs per batch.
     pub batch_inputs: HistogramVec,
     /// Batch time by stage.
@@ -102,6 +105,11 @@ impl AgentsMetrics {
             divergence: metrics.counter_vec(
                 "patchbay_agents_replay_divergence_total",
                 "Freshly decided outputs whose id the stream already held (the engine went back behind what it had published)",
+                &[],
+            )?,
+            commits: metrics.counter_vec(
+                "patchbay_agents_output_commits_total",
+                "Stream commits that stored the service's outputs: one per atomic batch, one per output published singly (each is one fsync under sync_interval: always)",
                 &[],
             )?,
             batch_inputs: metrics.histogram_vec(

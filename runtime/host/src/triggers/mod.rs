@@ -261,6 +261,12 @@ pub(crate) async fn publish_core(
 /// output once while two functions fed the same input never drop each other's outputs.
 /// Subjects no stream captures go out with core NATS.
 ///
+/// Stored outputs go through the node's group commit ([`patchbay_bus::batch::GroupCommit`]):
+/// the outputs of every invocation that finishes while a commit is in flight share the
+/// next atomic batch per stream, so a busy trigger pays one fsync per batch rather than
+/// per output, and this returns (and the input is acked) only once they are stored.
+/// With `--output-batch 0` each output is its own durable publish.
+///
 /// Which subjects a stream captures comes from the version's spec, resolved by `fn
 /// deploy` (workloads may not list streams). Trying JetStream first is no substitute: on
 /// a subject without a stream that someone core-subscribes to, the publish is never
@@ -272,24 +278,53 @@ pub(crate) async fn publish_durable(
     outputs: &[(String, CloudEvent)],
     deadline: Option<Deadline>,
 ) -> Result<(), String> {
+    // Per stream (named by the filter that captures it), the outputs it stores.
+    let mut groups: Vec<(&str, Vec<patchbay_bus::batch::Durable>)> = Vec::new();
+    let mut spans = Vec::new();
     for (index, (subject, event)) in outputs.iter().enumerate() {
-        let stored = f
+        let filter = f
             .spec
             .stream_subjects
             .iter()
-            .any(|filter| patchbay_engine::capabilities::subject_matches(filter, subject));
-        if stored {
-            let msg_id = input.output_dedup_id(f.name.as_str(), index);
-            node.bus
-                .publish_durable_with_id(subject, event, &msg_id, deadline)
-                .await
-                .map_err(|e| e.to_string())?;
-        } else {
+            .find(|filter| patchbay_engine::capabilities::subject_matches(filter, subject));
+        let Some(filter) = filter else {
             node.bus
                 .publish(subject, event, deadline)
                 .await
                 .map_err(|e| e.to_string())?;
+            continue;
+        };
+        let msg_id = input.output_dedup_id(f.name.as_str(), index);
+        if node.outputs.is_none() {
+            node.bus
+                .publish_durable_with_id(subject, event, &msg_id, deadline)
+                .await
+                .map_err(|e| e.to_string())?;
+            continue;
         }
+        let span = patchbay_bus::trace::publish_span(subject, &event.id);
+        let durable = node
+            .bus
+            .durable(subject, event, &msg_id, &span, deadline)
+            .map_err(|e| e.to_string())?;
+        spans.push(span);
+        match groups.iter_mut().find(|(g, _)| g == filter) {
+            Some((_, members)) => members.push(durable),
+            None => groups.push((filter.as_str(), vec![durable])),
+        }
+    }
+    let Some(committer) = &node.outputs else {
+        return Ok(());
+    };
+    let stored = futures::future::join_all(
+        groups
+            .into_iter()
+            .map(|(group, messages)| committer.store(group, messages)),
+    )
+    .await;
+    drop(spans);
+    for result in stored {
+        result.map_err(|e| e.to_string())?;
     }
     Ok(())
 }
