@@ -1,14 +1,126 @@
-//! What every durable consumer loop of the platform does the same way: hand back messages
-//! it pulled but will not start (so another instance takes them at once), and pace
-//! redeliveries of failed ones, and contain a panic in the handling of one delivery so that
-//! it ends as a dead letter instead of a silent loss after the last redelivery.
+//! The platform's durable consumer loop, and what every durable consumer does the same
+//! way: pull with one configuration ([`messages`]), take a message only when it can start
+//! ([`serve`]: routing's calls, a runtime node's stream triggers), hand back messages it
+//! pulled but will not start (so another instance takes them at once), pace redeliveries
+//! of failed ones, and contain a panic in the handling of one delivery so that it ends as
+//! a dead letter instead of a silent loss after the last redelivery.
+//!
+//! The agents service pulls with [`messages`] too but applies what was delivered in
+//! batches, merged from two consumers, in one task (its order matters; see its adapter).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::Stream as PullStream;
 use async_nats::jetstream::{AckKind, Message};
 use futures::{FutureExt as _, Stream, StreamExt as _};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// How long one pull request waits on the server before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat of a pull request: a missing one means the connection or consumer is
+/// gone, reported as an error on the stream.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The message stream of `consumer`, pulling up to `batch` messages per request (at least
+/// 1), each request renewed every 30 s with 5 s heartbeats.
+pub async fn messages(consumer: &PullConsumer, batch: usize) -> Result<PullStream, String> {
+    consumer
+        .stream()
+        .max_messages_per_batch(batch.max(1))
+        .heartbeat(PULL_HEARTBEAT)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// What the handler of [`serve`] says after taking a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Take the next one.
+    Continue,
+    /// Stop taking messages (the handler has dealt with this one, e.g. nak'ed it).
+    Stop,
+}
+
+/// Why [`serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `stop` fired.
+    Stopped,
+    /// The handler said [`Next::Stop`].
+    Halted,
+    /// The message stream ended (the consumer is gone).
+    StreamEnded,
+}
+
+/// Take messages from `messages` while at most `in_flight` are being handled, until
+/// `stop` fires: for each, first a slot (so nothing is pulled off the stream before it
+/// can start), then `admit()` (e.g. room in a memory budget), then the message, handed
+/// to `handle` with its slot — `handle` starts the work (spawned, holding the slot until
+/// it is done) and says whether to go on. A pull error is logged and skipped. On return,
+/// every message pulled but not started is handed back at once ([`release_unstarted`]);
+/// work already started keeps running on the caller's tasks.
+pub async fn serve<A, AF, H, HF>(
+    name: &str,
+    messages: &mut PullStream,
+    in_flight: usize,
+    stop: &CancellationToken,
+    mut admit: A,
+    mut handle: H,
+) -> Ended
+where
+    A: FnMut() -> AF,
+    AF: Future<Output = ()>,
+    H: FnMut(Message, OwnedSemaphorePermit) -> HF,
+    HF: Future<Output = Next>,
+{
+    let slots = Arc::new(Semaphore::new(in_flight.max(1)));
+    let ended = loop {
+        let slot = tokio::select! {
+            () = stop.cancelled() => break Ended::Stopped,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break Ended::Stopped,
+            },
+        };
+        tokio::select! {
+            () = stop.cancelled() => break Ended::Stopped,
+            () = admit() => {}
+        }
+        let msg = tokio::select! {
+            () = stop.cancelled() => break Ended::Stopped,
+            msg = messages.next() => match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    tracing::warn!(consumer = name, error = %e, "pull error");
+                    continue;
+                }
+                None => break Ended::StreamEnded,
+            },
+        };
+        if handle(msg, slot).await == Next::Stop {
+            break Ended::Halted;
+        }
+    };
+    // In-flight messages finish and ack on their own; the ones pulled but not started go
+    // back now rather than after ack_wait. Anything the server sends after this is
+    // redelivered after ack_wait.
+    let released = release_unstarted(messages).await;
+    if released > 0 {
+        tracing::info!(
+            consumer = name,
+            released,
+            "handed back messages pulled but not started"
+        );
+    }
+    ended
+}
 
 /// Nak, without delay, every message already buffered in `messages` — pulled from the
 /// server but not started — so the server redelivers them at once to another consumer

@@ -300,14 +300,9 @@ pub async fn run(
         if index == 0 {
             check_calls_filter(&mut consumer, &cc).await;
         }
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(config.max_batch.max(1))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
+        let messages = patchbay_bus::pull::messages(&consumer, config.max_batch)
             .await
-            .with_context(|| format!("cannot pull from consumer {name:?} on {stream:?}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot pull from consumer {name:?} on {stream:?}: {e}"))?;
         streams.push(Box::pin(
             messages.map(move |m| (index, m.map_err(|e| e.to_string()))),
         ));

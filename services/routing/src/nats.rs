@@ -21,8 +21,8 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt as _;
 use patchbay_bus::dlq::{self, DeadLetter};
+use patchbay_bus::pull::{Ended, Next};
 use patchbay_bus::reply::{InvokeReply, OUTCOME_HEADER};
 use patchbay_bus::resilience::{AttemptError, CallError, FailureKind, Rejected, Resilience};
 use patchbay_bus::{Bus, CloudEvent, Deadline, Token};
@@ -30,7 +30,6 @@ use patchbay_protocol::payload::{
     CallClosed, CallIncoming, CallRouted, CustomerInfo, CustomerLookup,
 };
 use patchbay_protocol::{CallEvent, CcSubject, CcSubjects};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -250,45 +249,28 @@ impl Router {
         stop: CancellationToken,
         on_bound: impl FnOnce(),
     ) -> anyhow::Result<()> {
-        let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(max_in_flight.max(1))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
+        let mut messages = patchbay_bus::pull::messages(&consumer, max_in_flight)
             .await
             .map_err(|e| anyhow::anyhow!("cannot pull from the routing consumer: {e}"))?;
         on_bound();
-        loop {
-            // Take a slot first, so no more messages are pulled than can be worked on.
-            let permit = tokio::select! {
-                () = stop.cancelled() => break,
-                permit = Arc::clone(&permits).acquire_owned() => permit?,
-            };
-            let msg = tokio::select! {
-                () = stop.cancelled() => break,
-                msg = messages.next() => match msg {
-                    Some(Ok(msg)) => msg,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "pull error on the routing consumer");
-                        continue;
-                    }
-                    None => anyhow::bail!("the routing consumer's message stream ended"),
-                },
-            };
-            let router = Arc::clone(&self);
-            tasks.spawn(async move {
-                router.handle(msg).await;
-                drop(permit);
-            });
-        }
-        // Calls pulled but not started go back at once (nak, no delay) for another
-        // instance, rather than after ack_wait; in-flight ones finish and ack on `tasks`.
-        let released = patchbay_bus::pull::release_unstarted(&mut messages).await;
-        drop(messages);
-        if released > 0 {
-            tracing::info!(released, "handed back calls pulled but not started");
+        let ended = patchbay_bus::pull::serve(
+            "routing",
+            &mut messages,
+            max_in_flight,
+            &stop,
+            || std::future::ready(()),
+            |msg, slot| {
+                let router = Arc::clone(&self);
+                tasks.spawn(async move {
+                    router.handle(msg).await;
+                    drop(slot);
+                });
+                std::future::ready(Next::Continue)
+            },
+        )
+        .await;
+        if ended == Ended::StreamEnded {
+            anyhow::bail!("the routing consumer's message stream ended");
         }
         Ok(())
     }

@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
-use futures::StreamExt as _;
 use patchbay_bus::Token;
-use tokio::sync::Semaphore;
+use patchbay_bus::pull::Next;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -56,61 +55,38 @@ impl TriggerLoop for StreamTrigger {
             self.function.to_string(),
             self.stream.clone(),
         ));
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
+        let mut messages = patchbay_bus::pull::messages(&consumer, batch)
             .await
             .map_err(|e| format!("pull from {consumer_name}: {e}"))?;
-        // One slot per message being handled: nothing is taken off the pull stream before
-        // it can start, so at shutdown the rest is still buffered and can be handed back.
-        let slots = Arc::new(Semaphore::new(batch));
-        loop {
-            let slot = tokio::select! {
-                () = stop.cancelled() => break,
-                slot = Arc::clone(&slots).acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-            };
-            // Nor before the node's memory budget has room to start it.
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = node.wait_for_memory(self.function.as_str()) => {}
-            }
-            let msg = tokio::select! {
-                () = stop.cancelled() => break,
-                msg = messages.next() => match msg {
-                    Some(Ok(msg)) => msg,
-                    Some(Err(e)) => {
-                        tracing::warn!(consumer = %consumer_name, error = %e, "pull error");
-                        continue;
-                    }
-                    None => break,
-                },
-            };
-            let Some(f) = node.function_for(self.function.as_str(), &msg) else {
-                // Removed while the message was in flight: let another node or a later
-                // deploy have it instead of losing it.
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                break;
-            };
-            let handled = handle(Arc::clone(&node), f, msg, self.kind);
-            node.tasks.spawn(async move {
-                handled.await;
-                drop(slot);
-            });
-        }
-        // Stopping (shutdown, trigger replaced or removed): messages in flight finish and
-        // ack on their own; the ones pulled but not started go back now rather than after
-        // ack_wait. Anything the server sent after this is redelivered after ack_wait.
-        let released = patchbay_bus::pull::release_unstarted(&mut messages).await;
+        let function = self.function.as_str();
+        let kind = self.kind;
+        patchbay_bus::pull::serve(
+            &consumer_name,
+            &mut messages,
+            batch,
+            &stop,
+            // Nothing starts before the node's memory budget has room for it.
+            || node.wait_for_memory(function),
+            |msg, slot| {
+                let node = Arc::clone(&node);
+                async move {
+                    let Some(f) = node.function_for(function, &msg) else {
+                        // Removed while the message was in flight: let another node or a
+                        // later deploy have it instead of losing it.
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        return Next::Stop;
+                    };
+                    let handled = handle(Arc::clone(&node), f, msg, kind);
+                    node.tasks.spawn(async move {
+                        handled.await;
+                        drop(slot);
+                    });
+                    Next::Continue
+                }
+            },
+        )
+        .await;
         drop(messages);
-        if released > 0 {
-            tracing::info!(consumer = %consumer_name, released, "handed back messages pulled but not started");
-        }
         lag.abort();
         for gauge in [
             &node.metrics.consumer_pending,
