@@ -186,7 +186,7 @@ async fn layout(
 }
 
 /// Wait until `GET http://<admin>/readyz` answers 200.
-async fn wait_ready(admin: &str, label: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(admin: &str, label: &str) -> anyhow::Result<()> {
     let url = format!("http://{admin}/readyz");
     let started = Instant::now();
     while started.elapsed() < READY {

@@ -3,13 +3,16 @@
 //! and runs it). Not shipped: no benchmark code lives in a product binary or a library's
 //! public API.
 //!
-//! * [`suites`] — the suites and their flags (`--suite all|functions|gateway|tracing|breaker|topology`):
+//! * [`suites`] — the suites and their flags (`--suite all|functions|gateway|tracing|breaker|topology|agents`):
 //!   a function on a `subject` trigger beside a native echo responder, the engine's
 //!   instantiate+call time, tracing on and off;
 //! * [`bench_gateway`] — the gateway against `wasmtime serve` (with `wrk`);
 //! * [`bench_breaker`] — what an open breaker saves a failing call path;
-//! * [`bench_topology`] — the call lifecycle and total memory, monolith against split.
+//! * [`bench_topology`] — the call lifecycle and total memory, monolith against split;
+//! * [`bench_agents`] — the agents service's decisions/s, latency and fsyncs per decision
+//!   through the bus, atomic batches against pipelined single publishes.
 
+mod bench_agents;
 mod bench_breaker;
 mod bench_gateway;
 mod bench_topology;

@@ -69,8 +69,10 @@ pub struct BenchArgs {
     /// (HTTP function through the gateway vs `wasmtime serve`), `tracing` (the function
     /// with OTLP export at 100 % sampling vs without), `breaker` (routing's latency under
     /// a hung customer lookup, with and without a circuit breaker), `topology` (call
-    /// latency and memory of the monolith vs the split layout), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing", "breaker", "topology"])]
+    /// latency and memory of the monolith vs the split layout), `agents` (the agents
+    /// service's decisions/s and latency through the bus, atomic batches vs pipelined
+    /// single publishes), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "functions", "gateway", "tracing", "breaker", "topology", "agents"])]
     pub suite: String,
     /// The `wasmtime` CLI (48.0.8, the engine Patchbay embeds) for the gateway baseline.
     #[arg(
@@ -83,6 +85,27 @@ pub struct BenchArgs {
     /// The `wrk` load generator for the gateway benchmark.
     #[arg(long, env = "PATCHBAY_WRK", default_value = "wrk")]
     pub wrk: PathBuf,
+    /// `--suite agents`: agents logged in, every desktop played by one load generator.
+    #[arg(long, default_value_t = 500)]
+    pub agents_count: usize,
+    /// `--suite agents`: calls of the max-rate phase (atomic batches).
+    #[arg(long, default_value_t = 2_000)]
+    pub agents_calls: usize,
+    /// `--suite agents`: calls of the max-rate phase with atomic batches off (the
+    /// baseline); default: as many as `--agents-calls`.
+    #[arg(long)]
+    pub agents_baseline_calls: Option<usize>,
+    /// `--suite agents`: how long the paced phase (half the measured maximum) publishes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub agents_paced_for: Duration,
+    /// `--suite agents`: how long the load generator waits for more messages before it
+    /// commits a batch (0: it commits what is queued as soon as the previous commit is
+    /// answered).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub agents_linger: Duration,
+    /// `perf`, which counts the nats-server's fsyncs for `--suite agents`.
+    #[arg(long, env = "PATCHBAY_PERF", default_value = "perf")]
+    pub perf: PathBuf,
 }
 
 fn expand_home(text: &str) -> Result<PathBuf, String> {
@@ -334,6 +357,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!();
         crate::bench_topology::run(&args).await?;
     }
+    if matches!(args.suite.as_str(), "all" | "agents") {
+        println!();
+        crate::bench_agents::run(&args).await?;
+    }
     Ok(())
 }
 
@@ -442,6 +469,7 @@ async fn functions(args: &BenchArgs) -> anyhow::Result<()> {
         bus: node_config,
         engine: patchbay_engine::EngineConfig::default(),
         drain_timeout: Duration::from_secs(2),
+        output_batch: patchbay_bus::batch::MAX_BATCH,
     };
     let node_stop = Arc::new(tokio::sync::Notify::new());
     let node_stop_wait = Arc::clone(&node_stop);
