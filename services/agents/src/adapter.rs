@@ -302,7 +302,9 @@ pub async fn run(
         }
         let messages = patchbay_bus::pull::messages(&consumer, config.max_batch)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot pull from consumer {name:?} on {stream:?}: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot pull from consumer {name:?} on {stream:?}: {e}")
+            })?;
         streams.push(Box::pin(
             messages.map(move |m| (index, m.map_err(|e| e.to_string()))),
         ));
