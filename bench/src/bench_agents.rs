@@ -9,8 +9,10 @@
 //! accepts each offer, hangs up each assigned call and ends wrap-up at each `ended`. It
 //! stores what it publishes with [`BatchPublisher`], one committer per stream (CC_CALLS,
 //! CC_AGENT_CMDS), each committing everything queued as one atomic batch (up to
-//! [`MAX_GENERATOR_BATCH`]) as soon as its previous commit is answered — so the generator
-//! pays one fsync per batch, not per message, and is not what limits the figures.
+//! [`MAX_GENERATOR_BATCH`], up to [`GENERATOR_IN_FLIGHT`] commits in flight) — so the
+//! generator pays one commit per batch, not per message, and is not what limits the
+//! figures. The suite also times single commits on the idle stack (atomic batches of 1,
+//! 10 and 100 messages beside the same messages pipelined), the floor under every figure.
 //!
 //! Phases, one stack, one run:
 //!
@@ -66,6 +68,9 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 const OFFER_LIMIT: Duration = Duration::from_secs(120);
 /// Most calls of the paced phase, whatever the rate.
 const MAX_PACED_CALLS: usize = 100_000;
+/// Commits each generator committer may have in flight (the server allows 50 batches in
+/// flight per stream).
+const GENERATOR_IN_FLIGHT: usize = 4;
 /// Attempts of one generator commit before its messages are given up.
 const COMMIT_ATTEMPTS: usize = 5;
 
@@ -85,11 +90,16 @@ struct Row {
     fsyncs: Result<u64, String>,
     /// The generator's commits and messages during the phase.
     generator_commits: u64,
+    /// Of those, atomic batches.
+    generator_atomic: u64,
     generator_messages: u64,
     /// The service's counters over the phase.
     service: Scrape,
     /// First publish until quiet.
     span: Duration,
+    /// CPU seconds (user, system) over the phase: the nats-server, the service, this
+    /// process (the load generator).
+    cpu: [(f64, f64); 3],
 }
 
 /// Run the agents benchmark and print atomic batches beside pipelined single publishes.
@@ -98,7 +108,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "agents bench: patchbay-agents on a fresh stack (mTLS, JetStream sync_interval: always), \
          {} agents on `{QUEUE}` played by one load generator (cli/admin) committing atomic \
-         batches per stream (≤ {MAX_GENERATOR_BATCH} messages, linger {:?}); max rate: {} \
+         batches per stream (≤ {MAX_GENERATOR_BATCH} messages, ≤ {GENERATOR_IN_FLIGHT} in \
+         flight, linger {:?}); max rate: {} \
          calls routed at once (after {WARM_UP_CALLS} warm-up calls); paced: half the maximum \
          for {:?}; baseline: CC_CALLS and CC_AGENTS without allow_atomic, service restarted, \
          {} calls at max rate; latency = routed handed to the generator → offered seen",
@@ -342,6 +353,10 @@ impl Service {
         wait_ready(&self.admin, "patchbay-agents").await
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+
     async fn scrape(&self) -> Scrape {
         let body = http_get(&format!("http://{}/metrics", self.admin), None)
             .await
@@ -362,6 +377,8 @@ struct Scrape {
     snapshot: f64,
     snapshots: f64,
     publish: f64,
+    /// Atomic batches the service's connection committed.
+    atomic: f64,
 }
 
 impl Scrape {
@@ -382,6 +399,11 @@ impl Scrape {
             snapshot: stage("sum", "snapshot"),
             snapshots: stage("count", "snapshot"),
             publish: stage("sum", "publish"),
+            atomic: metric(
+                body,
+                "patchbay_bus_stored_per_commit_count",
+                &[("mode", "atomic")],
+            ),
         }
     }
 
@@ -395,6 +417,7 @@ impl Scrape {
             snapshot: self.snapshot - before.snapshot,
             snapshots: self.snapshots - before.snapshots,
             publish: self.publish - before.publish,
+            atomic: self.atomic - before.atomic,
         }
     }
 }
@@ -450,6 +473,8 @@ enum Target {
 #[derive(Debug, Default)]
 struct Counters {
     commits: AtomicU64,
+    /// Of those, atomic batches.
+    atomic_commits: AtomicU64,
     messages: AtomicU64,
     failures: AtomicU64,
 }
@@ -691,10 +716,13 @@ impl Generator {
             tracker.ended = 0;
         }
         let before = service.scrape().await;
-        let (commits, messages) = (
+        let (commits, atomic, messages) = (
             self.counters.commits.load(Ordering::Relaxed),
+            self.counters.atomic_commits.load(Ordering::Relaxed),
             self.counters.messages.load(Ordering::Relaxed),
         );
+        let pids = [Some(perf.pid), service.pid(), Some(std::process::id())];
+        let cpu_before = pids.map(cpu_seconds);
         let counting = perf.start().await;
         let started = Instant::now();
         match rate {
@@ -755,6 +783,14 @@ impl Generator {
         }
         self.wait_idle(self.agents).await?;
         let span = started.elapsed();
+        let cpu_after = pids.map(cpu_seconds);
+        let mut cpu = [(0.0, 0.0); 3];
+        for (i, used) in cpu.iter_mut().enumerate() {
+            *used = (
+                cpu_after[i].0 - cpu_before[i].0,
+                cpu_after[i].1 - cpu_before[i].1,
+            );
+        }
         let fsyncs = match counting {
             Ok(counting) => counting.stop().await,
             Err(why) => Err(why),
@@ -788,9 +824,11 @@ impl Generator {
             stored_p50: quantile(&stored, 0.5),
             fsyncs,
             generator_commits: self.counters.commits.load(Ordering::Relaxed) - commits,
+            generator_atomic: self.counters.atomic_commits.load(Ordering::Relaxed) - atomic,
             generator_messages: self.counters.messages.load(Ordering::Relaxed) - messages,
             service,
             span,
+            cpu,
         })
     }
 
@@ -891,7 +929,11 @@ async fn desktops(mut events: futures::stream::SelectAll<Events>, outbox: Outbox
 }
 
 /// One stream's committer: everything queued (up to [`MAX_GENERATOR_BATCH`], after
-/// waiting `linger` for more) as one batch, as soon as the previous one is answered.
+/// waiting `linger` for more) as one batch, with up to [`GENERATOR_IN_FLIGHT`] commits in
+/// flight, so a desktop's reaction never waits for an unrelated commit to be answered.
+/// Concurrent batches may be stored in any order; nothing here depends on their order
+/// (every message a desktop sends answers an event the service published after storing
+/// what led to it).
 async fn commit_loop(
     stream: &'static str,
     publisher: BatchPublisher,
@@ -900,63 +942,103 @@ async fn commit_loop(
     counters: Arc<Counters>,
     linger: Duration,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(GENERATOR_IN_FLIGHT));
     while let Some(first) = queue.recv().await {
-        let mut messages = Vec::with_capacity(64);
-        let mut routed = Vec::new();
-        let mut take = |item: Item| {
-            messages.push(item.durable);
-            if let Some(at) = item.routed {
-                routed.push(at);
-            }
+        // What arrives while every slot is busy joins this batch.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
         };
-        take(first);
+        let mut messages = vec![first.durable];
+        let mut routed: Vec<Instant> = first.routed.into_iter().collect();
         let until = tokio::time::Instant::now() + linger;
-        let mut taken = 1;
         loop {
-            while taken < MAX_GENERATOR_BATCH {
+            while messages.len() < MAX_GENERATOR_BATCH {
                 let Ok(item) = queue.try_recv() else { break };
-                take(item);
-                taken += 1;
+                messages.push(item.durable);
+                routed.extend(item.routed);
             }
-            if taken >= MAX_GENERATOR_BATCH || tokio::time::Instant::now() >= until {
+            if messages.len() >= MAX_GENERATOR_BATCH || tokio::time::Instant::now() >= until {
                 break;
             }
             tokio::time::sleep_until(until).await;
         }
-        let mut attempt = 1;
-        loop {
-            match publisher.publish(stream, &messages).await {
-                Ok(stored) => {
-                    counters
-                        .commits
-                        .fetch_add(stored.commits as u64, Ordering::Relaxed);
-                    counters
-                        .messages
-                        .fetch_add(messages.len() as u64, Ordering::Relaxed);
-                    break;
-                }
-                Err(e) if attempt < COMMIT_ATTEMPTS => {
-                    eprintln!("  load generator: {e} (attempt {attempt}; retrying)");
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    eprintln!(
-                        "  load generator: {e}; giving up on {} messages",
-                        messages.len()
-                    );
-                    counters
-                        .failures
-                        .fetch_add(messages.len() as u64, Ordering::Relaxed);
-                    break;
-                }
+        let (publisher, tracker, counters) = (
+            publisher.clone(),
+            Arc::clone(&tracker),
+            Arc::clone(&counters),
+        );
+        tokio::spawn(async move {
+            commit(stream, &publisher, &messages, &counters).await;
+            drop(slot);
+            let now = Instant::now();
+            lock(&tracker)
+                .stored
+                .extend(routed.iter().map(|at| now.saturating_duration_since(*at)));
+        });
+    }
+}
+
+/// Store `messages` on `stream`, retrying up to [`COMMIT_ATTEMPTS`] times (the ids make a
+/// retry safe); counted as failures when it never succeeds.
+async fn commit(
+    stream: &str,
+    publisher: &BatchPublisher,
+    messages: &[Durable],
+    counters: &Counters,
+) {
+    for attempt in 1..=COMMIT_ATTEMPTS {
+        match publisher.publish(stream, messages).await {
+            Ok(stored) => {
+                counters
+                    .commits
+                    .fetch_add(stored.commits as u64, Ordering::Relaxed);
+                counters.atomic_commits.fetch_add(
+                    (stored.commits - stored.pipelined) as u64,
+                    Ordering::Relaxed,
+                );
+                counters
+                    .messages
+                    .fetch_add(messages.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if attempt < COMMIT_ATTEMPTS => {
+                eprintln!("  load generator: {e} (attempt {attempt}; retrying)");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                eprintln!(
+                    "  load generator: {e}; giving up on {} messages",
+                    messages.len()
+                );
             }
         }
-        let now = Instant::now();
-        lock(&tracker)
-            .stored
-            .extend(routed.iter().map(|at| now.saturating_duration_since(*at)));
     }
+    counters
+        .failures
+        .fetch_add(messages.len() as u64, Ordering::Relaxed);
+}
+
+/// User and system CPU seconds process `pid` has used (0 when unknown): `/proc/<pid>/stat`
+/// fields 14 and 15, in the kernel's `USER_HZ` (100 on every Linux this runs on).
+fn cpu_seconds(pid: Option<u32>) -> (f64, f64) {
+    let Some(stat) = pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+    else {
+        return (0.0, 0.0);
+    };
+    // The command name may hold spaces: count fields after its closing parenthesis.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of the whole line are 12 and 13 after the name (field 2).
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 /// Counts the nats-server's fsyncs with `perf stat` on its syscall tracepoints.
@@ -1161,7 +1243,11 @@ fn report(args: &BenchArgs, floor: &Floor, rows: &[Row]) {
             .collect::<Vec<_>>()
             .join("; ")
     );
-    println!("where the time and the fsyncs go (service counters over each phase):");
+    println!(
+        "where the time and the fsyncs go (service counters over each phase; `other` fsyncs are \
+         the server's own: it stages every atomic batch to an R1 file stream in a temporary \
+         store, streams/<stream>/batches/<id>, ~3 fsyncs per batch, and writes consumer state):"
+    );
     for row in rows {
         let s = &row.service;
         let batches = s.batches.max(1.0);
@@ -1169,13 +1255,16 @@ fn report(args: &BenchArgs, floor: &Floor, rows: &[Row]) {
         let fsyncs = match &row.fsyncs {
             Ok(n) => format!(
                 "{n} fsyncs = generator commits {} ({} messages) + service output commits {:.0} \
-                 ({:.0} outputs) + snapshots {:.0} + other {}",
+                 ({:.0} outputs) + snapshots {:.0} + other {} (atomic batches: generator {}, \
+                 service {:.0})",
                 row.generator_commits,
                 row.generator_messages,
                 s.commits,
                 s.outputs,
                 s.snapshots,
-                *n as i64 - row.generator_commits as i64 - s.commits as i64 - s.snapshots as i64
+                *n as i64 - row.generator_commits as i64 - s.commits as i64 - s.snapshots as i64,
+                row.generator_atomic,
+                s.atomic,
             ),
             Err(why) => format!("fsyncs n/a: {why}"),
         };
@@ -1190,6 +1279,21 @@ fn report(args: &BenchArgs, floor: &Floor, rows: &[Row]) {
             s.publish / batches * 1e3,
             busy / row.span.as_secs_f64() * 100.0,
             row.span.as_secs_f64(),
+        );
+        let cores = |(user, system): (f64, f64)| {
+            format!(
+                "{:.2} (system {:.2})",
+                (user + system) / row.span.as_secs_f64(),
+                system / row.span.as_secs_f64()
+            )
+        };
+        println!(
+            "    CPU cores used over the phase (of {}): nats-server {}, patchbay-agents {}, load \
+             generator {}",
+            std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            cores(row.cpu[0]),
+            cores(row.cpu[1]),
+            cores(row.cpu[2]),
         );
     }
     for row in rows {

@@ -548,6 +548,35 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `deploy/routing.toml` with every schedule open around the clock, every day, and no
+/// holidays, written into `dir`: end-to-end tests that need calls routed (not given the
+/// closed treatment) must not depend on the hour or the date they run at.
+#[must_use]
+pub fn always_open_rules(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("deploy/routing.toml")).unwrap();
+    let mut rules: toml::Table = text.parse().unwrap();
+    let days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let mut always = toml::Table::new();
+    always.insert(
+        "days".into(),
+        toml::Value::Array(days.iter().map(|d| toml::Value::from(*d)).collect()),
+    );
+    always.insert("open".into(), "00:00".into());
+    always.insert("close".into(), "24:00".into());
+    if let Some(toml::Value::Array(schedules)) = rules.get_mut("schedules") {
+        for schedule in schedules.iter_mut().filter_map(toml::Value::as_table_mut) {
+            schedule.insert(
+                "hours".into(),
+                vec![toml::Value::Table(always.clone())].into(),
+            );
+            schedule.insert("holidays".into(), toml::Value::Array(Vec::new()));
+        }
+    }
+    let path = dir.join("routing-always-open.toml");
+    std::fs::write(&path, toml::to_string(&rules).unwrap()).unwrap();
+    path
+}
+
 /// The sum of every series of the metric `name` whose labels contain `containing` (e.g.
 /// `mode="atomic"`; `""` for all of them) in a /metrics body.
 #[must_use]

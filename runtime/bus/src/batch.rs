@@ -382,7 +382,7 @@ impl BatchPublisher {
                 .map_err(|e| match e.kind() {
                     RequestErrorKind::NoResponders => Refusal::NoStream(m.subject.clone()),
                     RequestErrorKind::TimedOut => Refusal::Timeout(m.subject.clone(), self.timeout),
-                    RequestErrorKind::Other | _ => Refusal::Nats(m.subject.clone(), e.to_string()),
+                    _ => Refusal::Nats(m.subject.clone(), e.to_string()),
                 })?;
             let ack: Ack = serde_json::from_slice(&reply.payload).map_err(|e| {
                 Refusal::Nats(m.subject.clone(), format!("unreadable commit ack: {e}"))
@@ -438,7 +438,7 @@ impl BatchPublisher {
                     subject: m.subject.clone(),
                     timeout: self.timeout,
                 },
-                RequestErrorKind::Other | _ => BatchError::Nats {
+                _ => BatchError::Nats {
                     subject: m.subject.clone(),
                     reason: e.to_string(),
                 },
@@ -639,7 +639,7 @@ async fn commit_group(publisher: &BatchPublisher, group: String, members: Vec<Su
             let group = group.as_str();
             tracing::info!(group, members = members.len(), error = %e, "a shared batch was refused; storing each caller's messages on their own");
             futures::future::join_all(members.into_iter().map(|member| async move {
-                let result = publisher.publish(&group, &member.messages).await;
+                let result = publisher.publish(group, &member.messages).await;
                 let _ = member.done.send(result);
             }))
             .await;
