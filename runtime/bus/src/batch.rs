@@ -61,7 +61,7 @@
 //! retries until they are stored; a runtime node groups its stream triggers' outputs
 //! through a [`GroupCommit`] and naks an input whose outputs were not stored).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -230,7 +230,7 @@ pub struct BatchPublisher {
 #[derive(Debug)]
 struct Learned {
     /// Streams (by name) that refused atomic publish.
-    not_atomic: HashMap<String, ()>,
+    not_atomic: HashSet<String>,
     /// The largest batch the server accepts.
     max_batch: usize,
 }
@@ -251,7 +251,7 @@ impl BatchPublisher {
             bus: bus.clone(),
             timeout: Duration::from_secs(10),
             learned: Arc::new(Mutex::new(Learned {
-                not_atomic: HashMap::new(),
+                not_atomic: HashSet::new(),
                 max_batch: MAX_BATCH,
             })),
         }
@@ -294,7 +294,7 @@ impl BatchPublisher {
         while start < messages.len() {
             let (not_atomic, max) = {
                 let learned = self.lock();
-                (learned.not_atomic.contains_key(stream), learned.max_batch)
+                (learned.not_atomic.contains(stream), learned.max_batch)
             };
             if not_atomic {
                 self.pipelined(&messages[start..], start, &mut stored)
@@ -319,7 +319,7 @@ impl BatchPublisher {
                     description,
                 }) if code == code::DISABLED => {
                     tracing::info!(stream = %named_or(&named, stream), %description, "stream does not allow atomic batches; publishing one by one");
-                    self.lock().not_atomic.insert(stream.to_owned(), ());
+                    self.lock().not_atomic.insert(stream.to_owned());
                 }
                 Err(Refusal::Server { code, .. }) if code == code::DUPLICATE_ID => {
                     // Some of these are stored already: let each one's ack say which.
@@ -383,11 +383,7 @@ impl BatchPublisher {
             let reply = client
                 .send_request(m.subject.clone(), request)
                 .await
-                .map_err(|e| match e.kind() {
-                    RequestErrorKind::NoResponders => Refusal::NoStream(m.subject.clone()),
-                    RequestErrorKind::TimedOut => Refusal::Timeout(m.subject.clone(), self.timeout),
-                    _ => Refusal::Nats(m.subject.clone(), e.to_string()),
-                })?;
+                .map_err(|e| Refusal::request(&e, &m.subject, self.timeout))?;
             let ack: Ack = serde_json::from_slice(&reply.payload).map_err(|e| {
                 Refusal::Nats(m.subject.clone(), format!("unreadable commit ack: {e}"))
             })?;
@@ -434,18 +430,8 @@ impl BatchPublisher {
         // The requests are written in order as they are polled; join them all.
         let replies = futures::future::join_all(pending).await;
         for (i, (m, reply)) in messages.iter().zip(replies).enumerate() {
-            let reply = reply.map_err(|e| match e.kind() {
-                RequestErrorKind::NoResponders => BatchError::NoStream {
-                    subject: m.subject.clone(),
-                },
-                RequestErrorKind::TimedOut => BatchError::Timeout {
-                    subject: m.subject.clone(),
-                    timeout: self.timeout,
-                },
-                _ => BatchError::Nats {
-                    subject: m.subject.clone(),
-                    reason: e.to_string(),
-                },
+            let reply = reply.map_err(|e| {
+                Refusal::request(&e, &m.subject, self.timeout).into_error(&m.subject, &[])
             })?;
             let ack: Ack =
                 serde_json::from_slice(&reply.payload).map_err(|e| BatchError::Nats {
@@ -665,6 +651,15 @@ enum Refusal {
 }
 
 impl Refusal {
+    /// A request that got no usable answer (no stream, no answer in time, the connection).
+    fn request(e: &async_nats::RequestError, subject: &str, timeout: Duration) -> Self {
+        match e.kind() {
+            RequestErrorKind::NoResponders => Self::NoStream(subject.to_owned()),
+            RequestErrorKind::TimedOut => Self::Timeout(subject.to_owned(), timeout),
+            _ => Self::Nats(subject.to_owned(), e.to_string()),
+        }
+    }
+
     fn into_error(self, stream: &str, chunk: &[Durable]) -> BatchError {
         match self {
             Self::Server {
